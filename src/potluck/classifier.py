@@ -1,0 +1,209 @@
+"""TextClassifier: fit / predict / predict_proba / save / load, in the scikit-learn manner.
+
+    from potluck import TextClassifier
+    clf = TextClassifier(base="minilm").fit(texts, labels)   # fit returns self
+    clf.predict_proba(["The server is down"])                 # columns follow clf.classes_
+    clf.save("models/urgency"); clf = TextClassifier.load("models/urgency")
+
+`__init__` only stores what it is given; everything learned from data ends in an underscore.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, fields
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from potluck import __version__, calibration, modelcard
+from potluck.batching import tokenize
+from potluck.data import LabelledData, check_known_labels, check_training_data, stratified_split
+from potluck.encoders import DEFAULT_BASE, load_for_classification, load_tokenizer
+from potluck.errors import UserError
+from potluck.evaluation import classification_metrics
+from potluck.fileio import atomic_folder, atomic_write_json
+from potluck.finetune import FinetuneSettings, run
+from potluck.inference import Predictor, batched_logits
+
+logger = logging.getLogger(__name__)
+
+SETTING_NAMES = {f.name for f in fields(FinetuneSettings)}
+
+
+class TextClassifier:
+    """A pre-trained encoder plus a classification head, fine-tuned and calibrated.
+
+    Parameters: `base` ("minilm", a model folder or a hub id) and any `FinetuneSettings` field
+    (epochs, batch_size, learning_rate, class_weights, precision, seed, ...), or `settings=`.
+    """
+
+    def __init__(self, base: str | os.PathLike = DEFAULT_BASE, *, settings: FinetuneSettings | None = None,
+                 **overrides):
+        unknown = set(overrides) - SETTING_NAMES
+        if unknown:
+            raise TypeError(f"unknown setting(s): {', '.join(sorted(unknown))}")
+        self.base = str(base)
+        self.settings = settings or FinetuneSettings()
+        if overrides:
+            self.settings = FinetuneSettings(**{**asdict(self.settings), **overrides})
+
+    # -- learning ---------------------------------------------------------------------------------
+
+    def fit(self, texts: Sequence[str] | LabelledData, labels: Sequence | None = None, *,
+            valid: LabelledData | tuple[Sequence[str], Sequence] | None = None,
+            checkpoint_dir: str | os.PathLike | None = None, resume: bool = False,
+            on_step: Callable[[dict], None] | None = None) -> TextClassifier:
+        """Fine-tune on (texts, labels), early-stop and calibrate on `valid` (or a stratified split)."""
+        train = texts if isinstance(texts, LabelledData) else LabelledData(list(texts), [str(y) for y in labels])
+        if isinstance(valid, tuple):
+            valid = LabelledData(list(valid[0]), [str(y) for y in valid[1]])
+        s = self.settings
+        self.warnings_ = check_training_data(train, valid)
+        valid_source = valid.path or "given" if valid is not None else f"{s.valid_fraction:.0%} stratified split"
+        if valid is None:
+            train, valid = stratified_split(train, s.valid_fraction, seed=s.seed)
+        if s.calibrate and len(valid) < 100:
+            logger.warning("calibrating on only %d validation examples: probabilities will be rough; "
+                           "a validation set of a few hundred gives honest ones", len(valid))
+        self.classes_ = sorted(set(train.labels))
+        index = {label: i for i, label in enumerate(self.classes_)}
+        y_train = np.array([index[y] for y in train.labels])
+        y_valid = np.array([index[y] for y in valid.labels])
+
+        torch.manual_seed(s.seed)  # the new head's initial weights
+        tokenizer = load_tokenizer(self.base)
+        model = load_for_classification(self.base, self.classes_)
+        train_ids = tokenize(tokenizer, train.texts, s.max_length)
+        valid_ids = tokenize(tokenizer, valid.texts, s.max_length)
+        result = run(model, train_ids, y_train, valid_ids, y_valid, s, pad_id=tokenizer.pad_token_id,
+                     checkpoint_dir=checkpoint_dir, resume=resume, fingerprint=train.fingerprint(),
+                     on_step=on_step)
+        self.history_ = result.history
+        self.fit_result_ = result
+
+        valid_logits = batched_logits(model, valid_ids, pad_id=tokenizer.pad_token_id, bf16=result.bf16,
+                                      device=next(model.parameters()).device)
+        self.temperature_ = calibration.fit_temperature(valid_logits, y_valid) if s.calibrate else 1.0
+        probs_before = calibration.softmax(valid_logits)
+        probs_after = calibration.softmax(valid_logits, self.temperature_)
+        calibration.fold_temperature(model, self.temperature_)
+        self.calibration_ = {
+            "method": "temperature" if s.calibrate else "none",
+            "temperature": self.temperature_,
+            "ece_before": calibration.expected_calibration_error(probs_before, y_valid),
+            "ece_after": calibration.expected_calibration_error(probs_after, y_valid),
+            "fitted_on": "validation split",
+        }
+        valid_metrics = classification_metrics(y_valid, probs_after, self.classes_)
+        self.metrics_ = {"valid": {k: v for k, v in valid_metrics.items() if k != "per_class"}}
+        self.data_ = {"train_path": train.path, "n_train": len(train), "n_valid": len(valid),
+                      "fingerprint": train.fingerprint(), "valid_source": valid_source,
+                      "label_counts": train.label_counts()}
+        self.predictor_ = Predictor(model, tokenizer, max_length=s.max_length,
+                                    precision=s.precision, device=str(next(model.parameters()).device))
+        logger.info("fitted: best epoch %d, temperature %.3f, validation ECE %.4f -> %.4f",
+                    result.best_epoch, self.temperature_, self.calibration_["ece_before"],
+                    self.calibration_["ece_after"])
+        return self
+
+    # -- predicting -------------------------------------------------------------------------------
+
+    def predict_proba(self, texts: str | Sequence[str]) -> np.ndarray:
+        """Calibrated probabilities; columns follow `classes_`. One text in, a 1-D row out."""
+        self._check_fitted()
+        if isinstance(texts, str):
+            return self.predictor_.predict_proba([texts])[0]
+        return self.predictor_.predict_proba(list(texts))
+
+    def predict(self, texts: str | Sequence[str]) -> str | list[str]:
+        probs = self.predict_proba(texts)
+        if probs.ndim == 1:
+            return self.classes_[int(probs.argmax())]
+        return [self.classes_[i] for i in probs.argmax(axis=1)]
+
+    def evaluate(self, texts: Sequence[str] | LabelledData, labels: Sequence | None = None) -> dict:
+        """Accuracy, macro-F1, ECE and the per-class table on labelled data."""
+        data = texts if isinstance(texts, LabelledData) else LabelledData(list(texts), [str(y) for y in labels])
+        check_known_labels(data, self.classes_)
+        index = {label: i for i, label in enumerate(self.classes_)}
+        return classification_metrics([index[y] for y in data.labels], self.predict_proba(data.texts),
+                                      self.classes_)
+
+    # -- persistence ------------------------------------------------------------------------------
+
+    def save(self, path: str | os.PathLike, *, command: str | None = None,
+             history: bool = True) -> Path:
+        """Write a Hugging Face model folder (atomically) with potluck.json and a model card."""
+        self._check_fitted()
+        meta = self.metadata(command=command, name=Path(path).name)
+        with atomic_folder(path) as tmp:
+            self.predictor_.model.save_pretrained(tmp, safe_serialization=True)
+            self.predictor_.tokenizer.save_pretrained(tmp)
+            atomic_write_json(tmp / "potluck.json", meta)
+            (tmp / "README.md").write_text(modelcard.render(meta), encoding="utf-8")
+            if history and getattr(self, "history_", None):
+                (tmp / "training_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in self.history_))
+        logger.info("saved %s", path)
+        return Path(path)
+
+    def metadata(self, *, command: str | None = None, name: str | None = None) -> dict:
+        return {
+            "format": "potluck.classifier/1",
+            "name": name,
+            "potluck_version": __version__,
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            "base": self.base,
+            "classes": list(self.classes_),
+            "settings": asdict(self.settings),
+            "calibration": self.calibration_,
+            "metrics": self.metrics_,
+            "data": self.data_,
+            "command": command,
+        }
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, precision: str = "auto", device: str = "cpu") -> TextClassifier:
+        """Load a folder written by `save` (safetensors only)."""
+        path = Path(path)
+        meta_path = path / "potluck.json"
+        if not meta_path.is_file():
+            if not path.exists():
+                raise UserError(f"no such model folder: {path}", hint="pass the --out folder of `potluck finetune`")
+            raise UserError(f"{path} is not a Potluck model folder (no potluck.json)",
+                            hint="fine-tune one with `potluck finetune`")
+        meta = json.loads(meta_path.read_text())
+        settings = FinetuneSettings(**{k: v for k, v in meta.get("settings", {}).items() if k in SETTING_NAMES})
+        clf = cls(meta["base"], settings=settings)
+        clf.predictor_ = Predictor.from_folder(path, precision=precision, device=device,
+                                               max_length=settings.max_length)
+        clf.classes_ = list(meta["classes"])
+        if clf.predictor_.labels != clf.classes_:
+            raise UserError(f"{path}: config.json labels {clf.predictor_.labels} disagree with potluck.json",
+                            hint="re-save the model with potluck")
+        clf.calibration_ = meta.get("calibration", {})
+        clf.temperature_ = clf.calibration_.get("temperature", 1.0)
+        clf.metrics_ = meta.get("metrics", {})
+        clf.data_ = meta.get("data", {})
+        clf.meta_ = meta
+        return clf
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "predictor_"):
+            raise UserError("this TextClassifier is not fitted yet", hint="call fit(texts, labels) or load(folder)")
+
+    def __repr__(self) -> str:
+        changed = {k: v for k, v in asdict(self.settings).items() if getattr(FinetuneSettings(), k) != v}
+        args = ", ".join([repr(self.base)] + [f"{k}={v!r}" for k, v in changed.items()])
+        return f"TextClassifier({args})"
+
+
+def remove_checkpoints(folder: str | os.PathLike | None) -> None:
+    if folder and Path(folder).exists():
+        shutil.rmtree(folder, ignore_errors=True)

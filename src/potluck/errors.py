@@ -1,0 +1,17 @@
+"""The one exception type for a user's mistake.
+
+A `UserError` carries one line that says what is wrong, where, and what to do. The CLI prints that
+line and exits non-zero; it never shows a traceback for one. `potluck.data.DataError` is a kind of
+it too (see `data.py`).
+"""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """A mistake the user can fix: a bad path, a bad option, a model folder that is not ours."""
+
+    def __init__(self, message: str, *, hint: str | None = None):
+        self.message = message
+        self.hint = hint
+        super().__init__(f"{message}. {hint}" if hint else message)

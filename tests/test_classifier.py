@@ -1,0 +1,119 @@
+"""TextClassifier on a tiny random encoder: the scikit-learn contract, saving, calibration, resume."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from potluck import TextClassifier
+from potluck.errors import UserError
+
+FAST = dict(epochs=3, batch_size=8, learning_rate=3e-3, precision="fp32", warmup_ratio=0.0)
+
+
+@pytest.fixture(scope="module")
+def fitted(tiny_encoder):
+    from conftest import toy_texts
+
+    texts, labels = toy_texts(160)
+    return TextClassifier(base=tiny_encoder, **FAST).fit(texts, labels)
+
+
+def test_fit_returns_self_and_learns(fitted):
+    from conftest import toy_texts
+
+    texts, labels = toy_texts(60, seed=9)
+    assert fitted.classes_ == ["calm", "urgent"]
+    assert np.mean(np.array(fitted.predict(texts)) == np.array(labels)) > 0.9
+    assert fitted.temperature_ > 0
+    assert set(fitted.calibration_) >= {"temperature", "ece_before", "ece_after"}
+
+
+def test_one_text_in_one_answer_out(fitted):
+    row = fitted.predict_proba("server down now")
+    assert row.shape == (2,) and abs(row.sum() - 1) < 1e-5
+    assert isinstance(fitted.predict("server down now"), str)
+    many = fitted.predict_proba(["server down now", "thanks a lot"])
+    assert many.shape == (2, 2)
+    assert fitted.predict_proba([]).shape == (0, 2)
+
+
+def test_init_only_stores_parameters(tiny_encoder):
+    clf = TextClassifier(base=tiny_encoder, epochs=2)
+    assert clf.settings.epochs == 2 and not hasattr(clf, "classes_")
+    with pytest.raises(UserError, match="not fitted"):
+        clf.predict("x")
+    with pytest.raises(TypeError, match="unknown setting"):
+        TextClassifier(epoch=3)
+
+
+def test_save_load_round_trip_and_plain_transformers_agree(fitted, tmp_path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    fitted.save(tmp_path / "model")
+    files = {p.name for p in (tmp_path / "model").iterdir()}
+    assert {"config.json", "model.safetensors", "potluck.json", "README.md", "training_log.jsonl"} <= files
+    assert not any(name.endswith((".bin", ".pt", ".pkl")) for name in files)
+    texts = ["server down now", "thanks for the great call", "payment failed today"]
+    loaded = TextClassifier.load(tmp_path / "model", precision="fp32")
+    np.testing.assert_allclose(loaded.predict_proba(texts), fitted.predict_proba(texts), atol=1e-6)
+
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "model")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "model")
+    with torch.no_grad():
+        logits = model(**tokenizer(texts, return_tensors="pt", padding=True)).logits
+    plain = torch.softmax(logits, dim=-1).numpy()
+    np.testing.assert_allclose(plain, fitted.predict_proba(texts), atol=1e-5)
+    config = json.loads((tmp_path / "model" / "config.json").read_text())
+    assert config["id2label"] == {"0": "calm", "1": "urgent"}
+
+
+def test_same_seed_same_model(tiny_encoder, toy_data):
+    texts, labels = toy_data
+    a = TextClassifier(base=tiny_encoder, seed=3, **FAST).fit(texts, labels)
+    b = TextClassifier(base=tiny_encoder, seed=3, **FAST).fit(texts, labels)
+    np.testing.assert_array_equal(a.predict_proba(texts[:10]), b.predict_proba(texts[:10]))
+
+
+def test_resume_after_interruption_matches_an_uninterrupted_run(tiny_encoder, toy_data, tmp_path):
+    texts, labels = toy_data
+    settings = dict(FAST, epochs=3, patience=5)
+    whole = TextClassifier(base=tiny_encoder, **settings).fit(texts, labels)
+
+    def die_in_epoch_two(event):
+        if event.get("epoch") == 2 and "step" in event:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        TextClassifier(base=tiny_encoder, **settings).fit(texts, labels, checkpoint_dir=tmp_path / "ckpt",
+                                                         on_step=die_in_epoch_two)
+    assert (tmp_path / "ckpt" / "epoch-0001").is_dir()
+    resumed = TextClassifier(base=tiny_encoder, **settings).fit(texts, labels, checkpoint_dir=tmp_path / "ckpt",
+                                                               resume=True)
+    assert resumed.fit_result_.epochs_run == 3
+    np.testing.assert_allclose(resumed.predict_proba(texts[:20]), whole.predict_proba(texts[:20]), atol=1e-5)
+
+
+def test_resume_refuses_other_settings(tiny_encoder, toy_data, tmp_path):
+    texts, labels = toy_data
+    TextClassifier(base=tiny_encoder, **dict(FAST, epochs=1)).fit(texts, labels, checkpoint_dir=tmp_path / "c")
+    with pytest.raises(UserError, match="other settings"):
+        TextClassifier(base=tiny_encoder, **dict(FAST, epochs=1, learning_rate=1e-4)).fit(
+            texts, labels, checkpoint_dir=tmp_path / "c", resume=True)
+
+
+def test_balanced_class_weights_train(tiny_encoder):
+    texts = ["server down now"] * 10 + ["thanks great call"] * 60 + ["payment failed today"] * 10
+    labels = ["urgent"] * 10 + ["calm"] * 60 + ["urgent"] * 10
+    clf = TextClassifier(base=tiny_encoder, class_weights="balanced", **FAST).fit(texts, labels)
+    assert clf.predict("server down now") == "urgent"
+
+
+def test_evaluate_reports_metrics(fitted):
+    from conftest import toy_texts
+
+    texts, labels = toy_texts(40, seed=5)
+    metrics = fitted.evaluate(texts, labels)
+    assert metrics["n"] == 40 and 0 <= metrics["ece"] <= 1
+    assert set(metrics["per_class"]) == {"calm", "urgent"}
