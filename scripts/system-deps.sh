@@ -1,9 +1,15 @@
 #!/usr/bin/env bash
-# System packages the test suite needs beyond .venv: installed here so a fresh machine needs nothing by
-# hand. Idempotent: does nothing when they are already present.
+# System packages the test suite needs beyond .venv, installed here so that a fresh machine needs
+# nothing by hand: Debian's Chromium (the web page is tested in a real headless browser) and
+# PostgreSQL (the commons registry is tested against a real server). Idempotent and quick when present.
 set -euo pipefail
 need=()
-# (filled in as features need them: chromium for the web page tests, postgresql for the commons)
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || need+=(chromium-driver)
+ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || need+=(postgresql)
 if [ ${#need[@]} -gt 0 ]; then
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+  echo "installing system packages: ${need[*]}"
+  if [ "$(id -u)" != 0 ]; then SUDO=sudo; else SUDO=; fi
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi

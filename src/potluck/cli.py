@@ -221,6 +221,22 @@ def print_metrics(metrics: dict, title: str) -> None:
     out.print(per_class)
 
 
+# -- evaluation reports, baseline, learning curves (owner: evaluation) -------------------------------
+# (end of evaluation section)
+
+
+# -- tokenizer, pretrain, fill (owner: pre-training) ------------------------------------------------
+# (end of pre-training section)
+
+
+# -- serve (owner: serving) -------------------------------------------------------------------------
+# (end of serving section)
+
+
+# -- commons (owner: commons) -----------------------------------------------------------------------
+# (end of commons section)
+
+
 def main() -> None:
     """The console script: run the app, turning a user's mistake into one line and exit code 2."""
     try:
