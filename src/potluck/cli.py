@@ -100,6 +100,8 @@ def finetune(
     with TrainingProgress() as progress:
         clf.fit(train_data, valid=valid_data, checkpoint_dir=checkpoint_dir, resume=resume,
                 on_step=progress.update)
+    clf.data_.update(text_column=text_column, label_column=label_column,
+                     train_path=str(data.resolve()), valid_path=str(valid.resolve()) if valid else None)
     clf.save(out_dir, command=shlex.join(["potluck", *sys.argv[1:]]))
     remove_checkpoints(checkpoint_dir)
     r, cal, m = clf.fit_result_, clf.calibration_, clf.metrics_["valid"]
