@@ -25,7 +25,7 @@ import torch
 from potluck import __version__, calibration, modelcard
 from potluck.batching import tokenize
 from potluck.data import LabelledData, check_known_labels, check_training_data, stratified_split
-from potluck.encoders import DEFAULT_BASE, load_for_classification, load_tokenizer
+from potluck.encoders import DEFAULT_BASE, load_for_classification, load_tokenizer, resolve_base
 from potluck.errors import UserError
 from potluck.evaluation import classification_metrics
 from potluck.fileio import atomic_folder, atomic_write_json
@@ -65,6 +65,7 @@ class TextClassifier:
         if isinstance(valid, tuple):
             valid = LabelledData(list(valid[0]), [str(y) for y in valid[1]])
         s = self.settings
+        resolve_base(self.base)  # a wrong base fails before any work is done
         self.warnings_ = check_training_data(train, valid)
         valid_source = valid.path or "given" if valid is not None else f"{s.valid_fraction:.0%} stratified split"
         if valid is None:

@@ -14,4 +14,4 @@ class UserError(Exception):
     def __init__(self, message: str, *, hint: str | None = None):
         self.message = message
         self.hint = hint
-        super().__init__(f"{message}. {hint}" if hint else message)
+        super().__init__(f"{message}. {hint[:1].upper()}{hint[1:]}" if hint else message)

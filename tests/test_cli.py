@@ -1,0 +1,165 @@
+"""The command line as a user runs it: one clear line and exit code 2 for every mistake."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from potluck.data import write_rows
+
+POTLUCK = [sys.executable, "-m", "potluck"]
+
+
+def run(*args, cwd=None):
+    return subprocess.run([*POTLUCK, *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+def assert_one_line_error(result, *needles):
+    assert result.returncode == 2, result.stderr + result.stdout
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def train_file(tmp_path_factory):
+    from conftest import toy_texts
+
+    folder = tmp_path_factory.mktemp("cli-data")
+    texts, labels = toy_texts(120)
+    write_rows(folder / "train.csv", [{"body": t, "urgency": y} for t, y in zip(texts, labels, strict=True)])
+    return folder / "train.csv"
+
+
+@pytest.fixture(scope="module")
+def model_dir(train_file, tiny_encoder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli-model") / "m"
+    result = run("finetune", "--data", train_file, "--text-column", "body", "--label-column", "urgency",
+                 "--base", tiny_encoder, "--out", out, "--epochs", "2", "--learning-rate", "3e-3",
+                 "--precision", "fp32", "--batch-size", "8")
+    assert result.returncode == 0, result.stderr
+    assert "saved" in result.stderr and "ECE" in result.stderr
+    assert not out.with_name("m.checkpoints").exists()
+    return out
+
+
+def test_finetune_predict_evaluate_round_trip(model_dir, train_file, tmp_path):
+    meta = json.loads((model_dir / "potluck.json").read_text())
+    assert meta["data"]["text_column"] == "body" and "potluck finetune" in meta["command"]
+    one = run("predict", model_dir, "server down now")
+    assert one.returncode == 0, one.stderr
+    rows = [line.split() for line in one.stdout.strip().splitlines()]
+    assert {r[0] for r in rows} == {"urgent", "calm"} and abs(sum(float(r[1]) for r in rows) - 1) < 0.02
+
+    as_json = run("predict", model_dir, "server down now", "thanks great", "--format", "json")
+    answers = json.loads(as_json.stdout)
+    assert len(answers) == 2 and all(len(a) == 2 for a in answers)
+
+    scored = tmp_path / "scored.jsonl"
+    batch = run("predict", model_dir, "--input", train_file, "--text-column", "body", "--output", scored)
+    assert batch.returncode == 0, batch.stderr
+    first = json.loads(scored.read_text().splitlines()[0])
+    assert {"text", "label", "score", "p_urgent", "p_calm"} <= set(first)
+
+    evaluation = run("evaluate", model_dir, "--data", train_file, "--text-column", "body",
+                     "--label-column", "urgency", "--json")
+    metrics = json.loads(evaluation.stdout)
+    assert metrics["accuracy"] > 0.9 and "ece" in metrics and set(metrics["per_class"]) == {"calm", "urgent"}
+
+
+def test_missing_file(tmp_path):
+    assert_one_line_error(run("finetune", "--data", tmp_path / "nope.csv", "--out", tmp_path / "m"),
+                          "nope.csv", "no such file")
+
+
+def test_unknown_format(tmp_path):
+    (tmp_path / "data.xlsx").write_text("x")
+    assert_one_line_error(run("finetune", "--data", tmp_path / "data.xlsx", "--out", tmp_path / "m"),
+                          "data.xlsx", ".csv")
+
+
+def test_missing_column(train_file, tmp_path):
+    assert_one_line_error(run("finetune", "--data", train_file, "--out", tmp_path / "m"),
+                          "train.csv", "text", "body")
+
+
+def test_empty_text_names_line_and_column(tmp_path):
+    path = tmp_path / "bad.csv"
+    path.write_text("text,label\nhello,a\n,b\nbye,a\n")
+    assert_one_line_error(run("finetune", "--data", path, "--out", tmp_path / "m"), "bad.csv:3:1", "empty")
+
+
+def test_non_text_value_in_jsonl(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"text": "hi", "label": "a"}\n{"text": 42, "label": "b"}\n')
+    assert_one_line_error(run("finetune", "--data", path, "--out", tmp_path / "m"), "bad.jsonl:2", "text")
+
+
+def test_non_utf8_bytes(tmp_path):
+    path = tmp_path / "latin.csv"
+    path.write_bytes("text,label\ncaf\xe9 ok,a\n".encode("latin-1"))
+    assert_one_line_error(run("finetune", "--data", path, "--out", tmp_path / "m"), "latin.csv:2", "UTF-8")
+
+
+def test_single_class(tmp_path):
+    path = tmp_path / "one.csv"
+    path.write_text("text,label\nhello,a\nbye,a\nmore,a\n")
+    assert_one_line_error(run("finetune", "--data", path, "--out", tmp_path / "m"), "one.csv", "one class")
+
+
+def test_unseen_label_in_test(model_dir, tmp_path):
+    path = tmp_path / "test.csv"
+    path.write_text("body,urgency\nserver down,urgent\nhello there,spam\n")
+    assert_one_line_error(run("evaluate", model_dir, "--data", path, "--text-column", "body",
+                              "--label-column", "urgency"), "test.csv:3", "spam")
+
+
+def test_unseen_label_in_validation(train_file, tiny_encoder, tmp_path):
+    valid = tmp_path / "valid.csv"
+    valid.write_text("body,urgency\nserver down,urgent\nhello there,spam\n")
+    assert_one_line_error(run("finetune", "--data", train_file, "--valid", valid, "--text-column", "body",
+                              "--label-column", "urgency", "--base", tiny_encoder, "--out", tmp_path / "m"),
+                          "valid.csv:3", "spam")
+
+
+def test_not_a_model_folder(tmp_path):
+    assert_one_line_error(run("predict", tmp_path, "hello"), str(tmp_path), "config.json")
+
+
+def test_bad_base(train_file, tmp_path):
+    assert_one_line_error(run("finetune", "--data", train_file, "--text-column", "body", "--label-column",
+                              "urgency", "--base", tmp_path / "no-such-base", "--out", tmp_path / "m"),
+                          "no-such-base")
+
+
+def test_bad_setting(train_file, tmp_path):
+    assert_one_line_error(run("finetune", "--data", train_file, "--text-column", "body", "--label-column",
+                              "urgency", "--class-weights", "heavy", "--out", tmp_path / "m"), "class_weights")
+
+
+@pytest.mark.timeout(300)
+def test_killed_run_resumes_and_finishes(train_file, tiny_encoder, tmp_path):
+    """Kill -9 a real `potluck finetune` after its first checkpoint, then `--resume` it to the end."""
+    import time
+
+    out = tmp_path / "m"
+    args = [*POTLUCK, "finetune", "--data", str(train_file), "--text-column", "body", "--label-column",
+            "urgency", "--base", str(tiny_encoder), "--out", str(out), "--epochs", "40", "--patience", "40",
+            "--learning-rate", "1e-4", "--precision", "fp32", "--batch-size", "4"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoints = Path(str(out) + ".checkpoints")
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(checkpoints.glob("epoch-000[2-9]")):
+        time.sleep(0.2)
+    proc.kill()
+    proc.wait()
+    assert list(checkpoints.glob("epoch-*")), "no checkpoint was written before the kill"
+    assert not out.exists()
+    resumed = subprocess.run(args + ["--resume", "-v"], capture_output=True, text=True, timeout=280)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stderr
+    assert (out / "model.safetensors").exists() and not checkpoints.exists()
