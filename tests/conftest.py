@@ -20,7 +20,7 @@ WORDS = ("the a is was server down site slow payment failed card login password 
          "data lost security breach locked account weather cat dog paris london red blue green").split()
 
 
-def make_tiny_encoder(folder: Path, *, layers: int = 2, hidden: int = 32, seed: int = 0) -> Path:
+def make_tiny_encoder(folder: Path, *, layers: int = 2, hidden: int = 32, seed: int = 0, dropout: float = 0.1) -> Path:
     """A random BERT encoder (no head) with a WordPiece tokenizer, saved as a Hugging Face folder."""
     import torch
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
@@ -41,7 +41,8 @@ def make_tiny_encoder(folder: Path, *, layers: int = 2, hidden: int = 32, seed: 
                                         cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
     tokenizer.save_pretrained(folder)
     config = BertConfig(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers,
-                        num_attention_heads=2, intermediate_size=hidden * 2, max_position_embeddings=256)
+                        num_attention_heads=2, intermediate_size=hidden * 2, max_position_embeddings=256,
+                        hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
     torch.manual_seed(seed)
     BertModel(config).save_pretrained(folder)
     return folder

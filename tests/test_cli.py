@@ -148,8 +148,8 @@ def test_killed_run_resumes_and_finishes(train_file, tiny_encoder, tmp_path):
 
     out = tmp_path / "m"
     args = [*POTLUCK, "finetune", "--data", str(train_file), "--text-column", "body", "--label-column",
-            "urgency", "--base", str(tiny_encoder), "--out", str(out), "--epochs", "40", "--patience", "40",
-            "--learning-rate", "1e-4", "--precision", "fp32", "--batch-size", "4"]
+            "urgency", "--base", str(tiny_encoder), "--out", str(out), "--epochs", "12", "--patience", "12",
+            "--learning-rate", "1e-4", "--precision", "fp32", "--batch-size", "8"]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     checkpoints = Path(str(out) + ".checkpoints")
     deadline = time.time() + 120
@@ -159,7 +159,7 @@ def test_killed_run_resumes_and_finishes(train_file, tiny_encoder, tmp_path):
     proc.wait()
     assert list(checkpoints.glob("epoch-*")), "no checkpoint was written before the kill"
     assert not out.exists()
-    resumed = subprocess.run(args + ["--resume", "-v"], capture_output=True, text=True, timeout=280)
+    resumed = subprocess.run([*POTLUCK, "-v", *args[len(POTLUCK):], "--resume"], capture_output=True, text=True, timeout=280)
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from" in resumed.stderr
     assert (out / "model.safetensors").exists() and not checkpoints.exists()

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from potluck import __version__, calibration, modelcard
+from potluck import __version__, calibration, distributed, modelcard
 from potluck.batching import tokenize
 from potluck.data import LabelledData, check_known_labels, check_training_data, stratified_split
 from potluck.encoders import DEFAULT_BASE, load_for_classification, load_tokenizer, resolve_base
@@ -143,6 +143,8 @@ class TextClassifier:
              history: bool = True) -> Path:
         """Write a Hugging Face model folder (atomically) with potluck.json and a model card."""
         self._check_fitted()
+        if not distributed.context().is_main:
+            return Path(path)  # under torchrun, rank 0 writes the folder
         meta = self.metadata(command=command, name=Path(path).name)
         with atomic_folder(path) as tmp:
             self.predictor_.model.save_pretrained(tmp, safe_serialization=True)

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from potluck import distributed
 from potluck.batching import pad, training_batches
 from potluck.errors import UserError
 from potluck.fileio import atomic_write_json
@@ -75,6 +76,7 @@ class FinetuneResult:
     epochs_run: int
     examples_per_s: float
     bf16: bool
+    world_size: int = 1             # processes that trained; the effective batch is settings.batch_size
 
 
 def resolve_device(name: str) -> torch.device:
@@ -115,12 +117,20 @@ def run(model, train_ids: list[list[int]], train_labels: np.ndarray, valid_ids: 
         valid_labels: np.ndarray, settings: FinetuneSettings, *, pad_id: int,
         checkpoint_dir: str | Path | None = None, resume: bool = False, fingerprint: str = "",
         on_step: Callable[[dict], None] | None = None) -> FinetuneResult:
-    """Fine-tune `model` in place and leave the weights of the best validation epoch in it."""
-    device = resolve_device(settings.device)
+    """Fine-tune `model` in place and leave the weights of the best validation epoch in it.
+
+    Under torchrun every rank runs this same function; see distributed.py.
+    """
+    ctx = distributed.context()
+    device = distributed.device_for(ctx, resolve_device(settings.device))
+    distributed.init(ctx, device)
     model.to(device)
+    train_model = torch.nn.parallel.DistributedDataParallel(model) if ctx.enabled else model
+    on_step = on_step if ctx.is_main else None
     bf16 = use_bf16(settings.precision, device)
     n_classes = model.config.num_labels
     weights = class_weight_tensor(train_labels, n_classes, settings.class_weights)
+    label_weight = weights.numpy() if weights is not None else np.ones(n_classes)  # for the denominators
     weights = weights.to(device) if weights is not None else None
     lengths = [len(row) for row in train_ids]
     steps_per_epoch = math.ceil(len(train_ids) / settings.batch_size)
@@ -128,7 +138,7 @@ def run(model, train_ids: list[list[int]], train_labels: np.ndarray, valid_ids: 
     optimizer = make_optimizer(model, settings)
     scheduler = linear_schedule(optimizer, int(settings.warmup_ratio * total_steps), total_steps)
 
-    ckpt = Checkpoints(checkpoint_dir, settings, fingerprint) if checkpoint_dir else None
+    ckpt = Checkpoints(checkpoint_dir, settings, fingerprint, ctx) if checkpoint_dir else None
     state = {"epoch": 0, "step": 0, "best_epoch": 0, "best_valid_loss": math.inf, "bad_epochs": 0, "history": []}
     if ckpt and resume:
         state = ckpt.restore(model, optimizer, scheduler) or state
@@ -141,15 +151,22 @@ def run(model, train_ids: list[list[int]], train_labels: np.ndarray, valid_ids: 
     for epoch in range(state["epoch"], settings.epochs):
         if state["bad_epochs"] > settings.patience:
             break
-        torch.manual_seed(settings.seed * 1000 + epoch)  # dropout masks: the same after a resume
+        torch.manual_seed(settings.seed * 1000 + epoch + 7919 * ctx.rank)  # dropout: the same after a resume
         model.train()
         for batch in training_batches(lengths, settings.batch_size, seed=settings.seed, epoch=epoch):
             start = time.perf_counter()
-            input_ids, mask = pad([train_ids[i] for i in batch], pad_id)  # (B, T), (B, T)
-            targets = torch.as_tensor(train_labels[batch], device=device)  # (B,)
+            local = distributed.shard(batch, ctx)
+            share = 1.0 if local else 0.0  # a rank left without examples still joins the all-reduce
+            local = local or batch[:1]
+            input_ids, mask = pad([train_ids[i] for i in local], pad_id)  # (b, T), (b, T)
+            targets = torch.as_tensor(train_labels[local], device=device)  # (b,)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits  # (B, C)
-            loss = torch.nn.functional.cross_entropy(logits.float(), targets, weight=weights)
+                logits = train_model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits  # (b, C)
+            losses = torch.nn.functional.cross_entropy(logits.float(), targets, weight=weights, reduction="none")
+            # The mean over the *global* batch (weighted like cross_entropy's weight=): DDP averages the
+            # gradients over ranks, so each rank scales its sum by world_size / global denominator.
+            denominator = float(label_weight[train_labels[batch]].sum())
+            loss = losses.sum() * share * ctx.world_size / denominator
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
             optimizer.step()
@@ -158,7 +175,8 @@ def run(model, train_ids: list[list[int]], train_labels: np.ndarray, valid_ids: 
             state["step"] += 1
             seconds += time.perf_counter() - start
             seen += len(batch)
-            row = {"step": state["step"], "epoch": epoch + 1, "loss": loss.item(), "lr": scheduler.get_last_lr()[0]}
+            row = {"step": state["step"], "epoch": epoch + 1, "loss": loss.item() / ctx.world_size,
+                   "lr": scheduler.get_last_lr()[0]}
             history.append(row)
             if on_step:
                 on_step({**row, "total_steps": total_steps, "examples_per_s": seen / max(seconds, 1e-9)})
@@ -187,7 +205,8 @@ def run(model, train_ids: list[list[int]], train_labels: np.ndarray, valid_ids: 
     model.eval()
     return FinetuneResult(history=history, best_epoch=state["best_epoch"],
                           best_valid_loss=state["best_valid_loss"], epochs_run=state["epoch"],
-                          examples_per_s=seen / seconds if seconds else 0.0, bf16=bf16)
+                          examples_per_s=seen / seconds if seconds else 0.0, bf16=bf16,
+                          world_size=ctx.world_size)
 
 
 class Checkpoints:
@@ -198,8 +217,10 @@ class Checkpoints:
     data or other settings.
     """
 
-    def __init__(self, folder: str | Path, settings: FinetuneSettings, fingerprint: str):
+    def __init__(self, folder: str | Path, settings: FinetuneSettings, fingerprint: str,
+                 ctx: distributed.Context | None = None):
         self.folder = Path(folder)
+        self.ctx = ctx or distributed.Context()
         self.identity = {"fingerprint": fingerprint, "settings": asdict(settings)}
 
     def latest(self) -> Path | None:
@@ -207,6 +228,12 @@ class Checkpoints:
         return done[-1] if done else None
 
     def save(self, model, optimizer, scheduler, state: dict, best_state: dict | None) -> None:
+        """Rank 0 writes; every rank waits until it has, so a resume finds the same checkpoint."""
+        if self.ctx.is_main:
+            self._write(model, optimizer, scheduler, state, best_state)
+        self.ctx.barrier()
+
+    def _write(self, model, optimizer, scheduler, state: dict, best_state: dict | None) -> None:
         final = self.folder / f"epoch-{state['epoch']:04d}"
         tmp = final.with_name(final.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
