@@ -36,8 +36,13 @@ HPARAMS = dict(batch_size=16, learning_rate=5e-5, warmup_ratio=0.1, weight_decay
 
 
 def run_trainer(train: LabelledData, test_texts, classes, epochs: int) -> dict:
-    from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding,
-                              Trainer, TrainingArguments)
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        DataCollatorWithPadding,
+        Trainer,
+        TrainingArguments,
+    )
 
     from potluck.encoders import resolve_base
 

@@ -168,8 +168,16 @@ class TextClassifier:
             "calibration": self.calibration_,
             "metrics": self.metrics_,
             "data": self.data_,
+            "training": self.training_summary(),
             "command": command,
         }
+
+    def training_summary(self) -> dict:
+        r = getattr(self, "fit_result_", None)
+        if r is None:
+            return getattr(self, "meta_", {}).get("training", {})
+        return {"best_epoch": r.best_epoch, "epochs_run": r.epochs_run, "examples_per_s": round(r.examples_per_s, 2),
+                "precision": "bf16" if r.bf16 else "fp32", "processes": r.world_size}
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, precision: str = "auto", device: str = "cpu") -> TextClassifier:

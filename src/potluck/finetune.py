@@ -89,7 +89,7 @@ def resolve_device(name: str) -> torch.device:
 
 def make_optimizer(model: torch.nn.Module, settings: FinetuneSettings) -> torch.optim.Optimizer:
     decay, no_decay = [], []
-    for name, param in model.named_parameters():
+    for param in model.parameters():
         if param.requires_grad:
             (no_decay if param.ndim < 2 else decay).append(param)  # biases and LayerNorm weights
     groups = [{"params": decay, "weight_decay": settings.weight_decay},
