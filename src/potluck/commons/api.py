@@ -252,6 +252,9 @@ def create_app(commons: Commons) -> FastAPI:
     app.state.commons = commons
     app.include_router(json_routes(commons.settings.max_json_kb << 10))
     app.include_router(upload_routes())
+    from potluck.commons.rounds_api import round_routes  # fusion rounds and task serving (issue 7)
+
+    app.include_router(round_routes(commons.settings.max_json_kb << 10))
 
     @app.exception_handler(CommonsError)
     async def commons_error(request: Request, err: CommonsError):

@@ -211,6 +211,14 @@ class CommonsClient:
             path.write_bytes(to_jsonl(dataset))
             return self.upload(f"/v1/tasks/{task}/datasets", path, params)
 
+    def round(self, **settings) -> dict:
+        """Admin: run a fusion round (RoundSettings fields); it runs in the request (give the client a long timeout)."""
+        return self.request("POST", "/v1/rounds", json=settings).json()
+
+    def predict(self, task: str, inputs: str | list[str]) -> list:
+        """A task's labels with probabilities, highest first, as `potluck serve` answers."""
+        return self.request("POST", f"/v1/tasks/{task}/predict", json={"inputs": inputs}).json()
+
     # -- what workers do ------------------------------------------------------------------------
 
     def lease(self, worker: str) -> dict | None:
