@@ -119,15 +119,16 @@ def main() -> None:
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    rows = {name: bench(name, args.train_size, args.epochs, args.precision) for name in args.datasets.split(",")}
-    speedups = [r["speedup"] for r in rows.values()]
-    deltas = [r["macro_f1_delta_points"] for r in rows.values()]
-    summary = {"mean_speedup": round(float(np.mean(speedups)), 2),
-               "mean_macro_f1_delta_points": round(float(np.mean(deltas)), 2),
-               "goal": ">= 4x Trainer's examples/s at macro-F1 within 0.5 point"}
-    path = write_result("finetune", {"settings": {**HPARAMS, "epochs": args.epochs, "train_size": args.train_size,
-                                                  "precision": args.precision},
-                                     "datasets": rows, "summary": summary})
+    settings = {**HPARAMS, "epochs": args.epochs, "train_size": args.train_size, "precision": args.precision}
+    rows = {}
+    for name in args.datasets.split(","):  # results are written after each dataset: a long run keeps its work
+        rows[name] = bench(name, args.train_size, args.epochs, args.precision)
+        summary = {"mean_speedup": round(float(np.mean([r["speedup"] for r in rows.values()])), 2),
+                   "mean_macro_f1_delta_points": round(float(np.mean([r["macro_f1_delta_points"]
+                                                                      for r in rows.values()])), 2),
+                   "goal": ">= 4x Trainer's examples/s at macro-F1 within 0.5 point"}
+        path = write_result("finetune", {"settings": settings, "datasets": rows, "summary": summary,
+                                         "complete": len(rows) == len(args.datasets.split(","))})
     print(summary, "->", path)
 
 
