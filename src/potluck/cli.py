@@ -594,6 +594,7 @@ def fuse(
 
 # -- commons (owner: commons) -----------------------------------------------------------------------
 
+from potluck.commons.round_settings import RoundSettings  # noqa: E402  (a light module: dataclasses only)
 from potluck.commons.settings import CommonsSettings  # noqa: E402  (a light module: dataclasses only)
 
 commons_app = typer.Typer(help="The commons: organisations share datasets, lend compute and push weights "
@@ -746,6 +747,29 @@ def commons_work(
     console.print(f"{sum(r['status'] == 'done' for r in results)} of {len(results)} job(s) done")
 
 
+@commons_app.command("round")
+@with_settings(RoundSettings, "Round")
+def commons_round(url: Url, token: Token = None, **settings):
+    """Admin: fuse the unfused accepted weights on the current base into a candidate; promote it only if
+    the gate says it is at least as good (runs in the request; the answer says what happened and why)."""
+    from potluck.commons.client import CommonsClient
+
+    with CommonsClient(url, token, timeout=24 * 3600.0) as client:
+        result = client.round(**RoundSettings(**settings).to_dict())
+    if result["outcome"] == "skipped":
+        console.print(f"no round: {result['reason']}")
+        return
+    scores = Table("task", f"base v{result['parent']}", f"candidate v{result['candidate_version']}", "change",
+                   title=f"Round: {len(result['contributions'])} contribution(s) fused by {result['method']}")
+    for task, s in result["scores"].items():
+        scores.add_row(task, f"{s['current']:.4f}", f"{s['candidate']:.4f}", f"{s['candidate'] - s['current']:+.4f}")
+    scores.add_row("mean", f"{result['mean_current']:.4f}", f"{result['mean_candidate']:.4f}",
+                   f"{result['mean_candidate'] - result['mean_current']:+.4f}")
+    out.print(scores)
+    console.print(f"candidate base version {result['candidate_version']} {result['reason']}"
+                  + (f"; heads refitted for {', '.join(h['task'] for h in result['heads'])}" if result["heads"] else ""))
+
+
 @commons_app.command("status")
 def commons_status(
     url: Url,
@@ -763,12 +787,15 @@ def commons_status(
 
 
 def commons_tables(status: dict) -> list[Table]:
-    bases = Table("version", "parent", "status", "made by", "weights", "scores", "created", title="Base versions")
+    bases = Table("version", "parent", "status", "made by", "weights", "scores (macro-F1)", "fused", "gate decision",
+                  "created", title="Base versions")
     for b in status["bases"]:
-        scores = (b.get("lineage") or {}).get("scores") or {}
+        lineage = b.get("lineage") or {}
+        scores = lineage.get("scores") or {}
+        fused = ", ".join(str(i) for i in lineage.get("contributions", [])) or "-"
         bases.add_row(str(b["version"]), str(b["parent"] if b["parent"] is not None else "-"), b["status"],
                       b["method"], b["weights_sha"][:12], ", ".join(f"{t} {s:.3f}" for t, s in scores.items()) or "-",
-                      b["created"])
+                      fused, lineage.get("decision", "-"), b["created"])
     tasks = Table("task", "owner", "labels", "accepted contributions", title="Tasks")
     for t in status["tasks"]:
         labels = ", ".join(t["labels"][:6]) + (", …" if len(t["labels"]) > 6 else "")

@@ -4,12 +4,23 @@
     predictor = Predictor.from_folder("models/urgency", precision="bf16")
     probs = predictor.predict_proba(["The site is down!"])     # (N, C), columns follow id2label
 
-Texts are sorted by length into batches with dynamic padding, run under `torch.inference_mode`, with
-bf16 autocast where the hardware has it, and put back in the caller's order.
+Texts are tokenized in one call of the fast tokenizer, sorted by length into batches with dynamic
+padding (at most `batch_size` texts and `max_tokens` padded tokens each), run under
+`torch.inference_mode`, and put back in the caller's order. Precisions:
+
+- `fp32`: the reference.
+- `bf16`: a copy of the model with bf16 weights, run where the CPU does bf16 matmul natively (AMX or
+  AVX512-BF16). Casting the weights once, instead of on every call as autocast does, is what makes it
+  fast; the drift against fp32 is measured in benchmarks/inference.py (agreement and max |dp|).
+- `int8`: a copy with dynamic int8 Linear layers (`torch.ao.quantization.quantize_dynamic`).
+- `auto`: bf16 where the hardware has it, else fp32.
+
+The copies snapshot the weights when the Predictor is built; `self.model` stays the model you gave.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import os
@@ -26,6 +37,8 @@ from potluck.errors import UserError
 logger = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "fp32", "bf16", "int8")
+# Padded tokens per batch: bf16 matmuls on AMX want big batches; fp32 gains nothing past ~64 texts.
+MAX_TOKENS = {"fp32": 8192, "bf16": 16384, "int8": 8192}
 
 
 @functools.cache
@@ -39,6 +52,7 @@ def cpu_has_bf16() -> bool:
 
 
 def use_bf16(precision: str, device: torch.device | str = "cpu") -> bool:
+    """Whether `precision` ('auto', 'fp32', 'bf16', 'int8') means bf16 on `device`."""
     device = torch.device(device)
     if precision == "bf16":
         return True
@@ -53,70 +67,138 @@ def use_bf16(precision: str, device: torch.device | str = "cpu") -> bool:
 def batched_logits(model, ids: Sequence[Sequence[int]], *, pad_id: int, bf16: bool = False,
                    device: torch.device | str = "cpu", batch_size: int = 64,
                    max_tokens: int | None = 16384) -> np.ndarray:
-    """Logits (N, C) as float32 for token-id lists, in their original order."""
+    """Logits (N, C) as float32 for token-id lists, in their original order.
+
+    `bf16` runs under autocast (the weights stay fp32, as during training). One autocast region spans
+    all batches, so each weight is cast to bf16 once per call, not once per batch.
+    """
     was_training = model.training
     model.eval()
     device = torch.device(device)
     out = np.zeros((len(ids), model.config.num_labels), dtype=np.float32)
-    for batch in inference_batches([len(row) for row in ids], batch_size, max_tokens):
-        input_ids, mask = pad([ids[i] for i in batch], pad_id)  # (B, T)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        for batch in inference_batches([len(row) for row in ids], batch_size, max_tokens):
+            input_ids, mask = pad([ids[i] for i in batch], pad_id)  # (B, T)
             logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits  # (B, C)
-        out[batch] = logits.float().cpu().numpy()
+            out[batch] = logits.float().cpu().numpy()
     model.train(was_training)
     return out
 
 
 class Predictor:
-    """A loaded sequence-classification model and its tokenizer, ready for fast batched prediction."""
+    """A loaded sequence-classification model and its tokenizer, ready for fast batched prediction.
+
+    `model` is kept as given (`self.model`, e.g. for saving); bf16 and int8 run on a converted copy.
+    """
 
     def __init__(self, model, tokenizer, *, max_length: int = 128, precision: str = "auto",
-                 batch_size: int = 64, device: str = "cpu"):
+                 batch_size: int | None = None, device: str = "cpu", max_tokens: int | None = None):
         if precision not in PRECISIONS:
             raise UserError(f"unknown precision '{precision}'", hint=f"use one of {', '.join(PRECISIONS)}")
         self.device = torch.device(device)
         self.tokenizer = tokenizer
         self.max_length = max_length
-        self.batch_size = batch_size
         self.precision = precision
         self.bf16 = use_bf16(precision, self.device)
+        self.precision_used = "int8" if precision == "int8" else "bf16" if self.bf16 else "fp32"
+        self.batch_size = batch_size or (128 if self.precision_used == "bf16" else 64)
+        self.max_tokens = max_tokens or MAX_TOKENS[self.precision_used]
         model.eval()
-        if precision == "int8":
-            model = quantize_int8(model)
         self.model = model.to(self.device)
+        self.runner = fast_copy(self.model, self.precision_used)
         self.labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
 
     @classmethod
     def from_folder(cls, path: str | os.PathLike, **kwargs) -> Predictor:
+        """Load a Hugging Face model folder (safetensors only); max_length from its potluck.json."""
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         path = Path(path)
         if not (path / "config.json").is_file():
+            if not path.exists():
+                raise UserError(f"no such model folder: {path}", hint="pass the --out folder of `potluck finetune`")
             raise UserError(f"{path} is not a model folder (no config.json)",
                             hint="pass the --out folder of `potluck finetune`")
         model = AutoModelForSequenceClassification.from_pretrained(path, use_safetensors=True)
         tokenizer = AutoTokenizer.from_pretrained(path)
-        kwargs.setdefault("max_length", _max_length(path))
+        if kwargs.get("max_length") is None:
+            kwargs["max_length"] = _max_length(path)
         return cls(model, tokenizer, **kwargs)
 
+    def encode(self, texts: Sequence[str], truncate: bool = True) -> list[list[int]]:
+        """Token ids per text. With truncate=False a text longer than max_length is a UserError."""
+        if truncate:
+            return tokenize(self.tokenizer, texts, self.max_length)
+        ids = self.tokenizer(list(texts), truncation=False, padding=False, return_attention_mask=False,
+                             return_token_type_ids=False, verbose=False)["input_ids"]
+        for i, row in enumerate(ids):
+            if len(row) > self.max_length:
+                raise UserError(f"text {i} has {len(row)} tokens, more than this model's max_length of "
+                                f"{self.max_length}", hint="shorten it, or send truncate: true to cut it")
+        return ids
+
+    def logits_from_ids(self, ids: Sequence[Sequence[int]]) -> np.ndarray:
+        """Logits (N, C) for token ids, in their order (the server tokenizes, then batches requests)."""
+        if len(ids) == 0:
+            return np.zeros((0, len(self.labels)), dtype=np.float32)
+        return run_batches(self.runner, ids, pad_id=self.tokenizer.pad_token_id, device=self.device,
+                           batch_size=self.batch_size, max_tokens=self.max_tokens)
+
     def logits(self, texts: Sequence[str]) -> np.ndarray:
-        ids = tokenize(self.tokenizer, texts, self.max_length)
-        return batched_logits(self.model, ids, pad_id=self.tokenizer.pad_token_id, bf16=self.bf16,
-                              device=self.device, batch_size=self.batch_size)
+        """Logits (N, C) for texts; the temperature is already folded into them."""
+        return self.logits_from_ids(self.encode(texts))
 
     def predict_proba(self, texts: Sequence[str]) -> np.ndarray:
+        """Calibrated probabilities (N, C) as float32; columns follow `labels`."""
         if len(texts) == 0:
             return np.zeros((0, len(self.labels)), dtype=np.float32)
         return softmax(self.logits(texts)).astype(np.float32)
 
 
+    def agreement_with_fp32(self, texts: Sequence[str], probs: np.ndarray, *, sample: int = 200,
+                            seed: int = 0) -> dict:
+        """Re-score a random sample of `texts` with the fp32 model; how far `probs` (from this
+        predictor, rows following `texts`) are from it: argmax agreement and max |dp|."""
+        rng = np.random.default_rng(seed)
+        pick = np.sort(rng.choice(len(texts), size=min(sample, len(texts)), replace=False))
+        ids = self.encode([texts[i] for i in pick])
+        ref = softmax(run_batches(self.model, ids, pad_id=self.tokenizer.pad_token_id, device=self.device,
+                                  batch_size=64, max_tokens=MAX_TOKENS["fp32"]))
+        got = probs[pick]
+        return {"sample": len(pick), "agreement": float(np.mean(got.argmax(1) == ref.argmax(1))),
+                "max_abs_dp": float(np.abs(got - ref).max()) if len(pick) else 0.0}
+
+
+@torch.inference_mode()
+def run_batches(model, ids: Sequence[Sequence[int]], *, pad_id: int, device: torch.device,
+                batch_size: int, max_tokens: int | None) -> np.ndarray:
+    """Logits (N, C) float32 of an eval-mode model, batched by length, in the original order."""
+    out = np.zeros((len(ids), model.config.num_labels), dtype=np.float32)
+    for batch in inference_batches([len(row) for row in ids], batch_size, max_tokens):
+        input_ids, mask = pad([ids[i] for i in batch], pad_id)  # (B, T)
+        logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits  # (B, C)
+        out[batch] = logits.float().cpu().numpy()
+    return out
+
+
+def fast_copy(model, precision: str):
+    """The model that runs: itself for fp32, else a converted copy (the original stays fp32)."""
+    if precision == "bf16":
+        return copy.deepcopy(model).to(torch.bfloat16).eval()
+    if precision == "int8":
+        return quantize_int8(model)
+    return model
+
+
 def quantize_int8(model):
-    """Dynamic int8 quantisation of the Linear layers (weights int8, activations quantised on the fly)."""
+    """Dynamic int8 quantisation of the Linear layers (weights int8, activations quantised on the fly).
+
+    Returns a quantised copy; `model` is left as it was."""
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # quantize_dynamic is deprecated in favour of torchao
-        return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+        return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8, inplace=False)
 
 
 def _max_length(folder: Path) -> int:

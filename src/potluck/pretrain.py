@@ -1,0 +1,401 @@
+"""Masked-LM pre-training, from scratch or continued from an encoder, and fill-mask.
+
+    potluck tokenizer --corpus texts/ --vocab-size 16000 --out tok/
+    potluck pretrain --corpus texts/ --size mini --tokenizer tok/ --out enc/      # from scratch
+    potluck pretrain --corpus emails.txt --from minilm --out enc-adapted/        # continued
+    potluck fill enc/ "The payment was [MASK] twice."
+
+The model is transformers' `BertForMaskedLM`; the loop is ours (as in finetune.py): documents are
+packed into full blocks (no padding), 15 % of tokens (or whole words) are masked 80/10/10, the MLM
+head runs only on the masked positions, bf16 autocast where the CPU has it, AdamW with warm-up and
+linear decay (re-planned to end on time under --max-time), gradient accumulation, a held-out slice of
+the corpus for loss / perplexity / accuracy, and safetensors checkpoints that `resume` continues
+exactly. The output is a Hugging Face folder that `pipeline("fill-mask")` and `potluck finetune
+--base` both load. Masking and the output folder live in `potluck.mlm`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+from potluck.errors import UserError
+from potluck.finetune import make_optimizer, resolve_device
+from potluck.inference import use_bf16
+from potluck.mlm import Masker, PretrainCheckpoints, mlm_logits
+
+logger = logging.getLogger(__name__)
+
+# Google's BERT miniatures (Turc et al. 2019): layers x hidden, 64-wide heads, feed-forward 4 x hidden.
+SIZES = {
+    "tiny": {"num_hidden_layers": 2, "hidden_size": 128, "num_attention_heads": 2, "intermediate_size": 512},
+    "mini": {"num_hidden_layers": 4, "hidden_size": 256, "num_attention_heads": 4, "intermediate_size": 1024},
+    "small": {"num_hidden_layers": 4, "hidden_size": 512, "num_attention_heads": 8, "intermediate_size": 2048},
+}
+AUTO_LR = {"scratch": 5e-4, "continued": 5e-5}
+NEW_HEAD = "the base had no masked-LM head: a new one was initialised, its decoder tied to the input embeddings"
+BUDGET_FIELDS = ("epochs", "max_steps", "max_time", "eval_every", "checkpoint_every")  # may change on resume
+
+
+@dataclass
+class PretrainSettings:
+    """How to pre-train. A from-scratch model's shape comes from `size`; a continued one keeps its own."""
+
+    size: str = field(default="mini", metadata={"help": "from scratch: tiny (2 layers x 128), mini (4 x 256) or small (4 x 512); ignored with --from"})
+    block_size: int = field(default=128, metadata={"help": "tokens per packed training block"})
+    batch_size: int = field(default=32, metadata={"help": "blocks per forward pass"})
+    grad_accumulation: int = field(default=1, metadata={"help": "forward passes per optimiser step"})
+    epochs: int = field(default=3, metadata={"help": "passes over the corpus (--max-steps / --max-time may end sooner)"})
+    max_steps: int = field(default=0, metadata={"help": "stop after this many optimiser steps (0: no limit)"})
+    max_time: float = field(default=0.0, metadata={"help": "stop after this many seconds; the schedule decays to end on time (0: no limit)"})
+    learning_rate: float = field(default=0.0, metadata={"help": "peak AdamW learning rate (0: 5e-4 from scratch, 5e-5 continued)"})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (not on biases and LayerNorm)"})
+    warmup_ratio: float = field(default=0.06, metadata={"help": "fraction of steps for linear warm-up"})
+    new_head_steps: int = field(default=50, metadata={"help": "continuing from an encoder without an MLM head: train the new head alone (encoder frozen, 10x the peak learning rate) for this many steps first"})
+    mask_probability: float = field(default=0.15, metadata={"help": "share of tokens (or words) to predict; of them 80% [MASK], 10% random, 10% kept"})
+    whole_word_mask: bool = field(default=False, metadata={"help": "mask all pieces of a word together"})
+    valid_fraction: float = field(default=0.05, metadata={"help": "share of documents held out for loss / perplexity / accuracy"})
+    valid_blocks: int = field(default=256, metadata={"help": "at most this many held-out blocks per evaluation"})
+    eval_every: int = field(default=500, metadata={"help": "evaluate on the held-out slice every N steps (and at the end)"})
+    checkpoint_every: int = field(default=500, metadata={"help": "write a checkpoint every N steps (and at the end)"})
+    precision: str = field(default="auto", metadata={"help": "'auto' (bf16 where the hardware has it), 'fp32' or 'bf16'"})
+    seed: int = field(default=0, metadata={"help": "one seed for the model, the split, the order, the masks and dropout"})
+    device: str = field(default="cpu", metadata={"help": "'cpu', 'cuda', or 'auto'"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping"})
+
+    def __post_init__(self):
+        checks = [
+            (self.size in SIZES, f"size must be one of {', '.join(SIZES)}"),
+            (8 <= self.block_size <= 512, "block_size must be between 8 and 512"),
+            (self.batch_size >= 1 and self.grad_accumulation >= 1, "batch_size and grad_accumulation must be at least 1"),
+            (self.epochs >= 1, "epochs must be at least 1"),
+            (self.max_steps >= 0 and self.max_time >= 0, "max_steps and max_time must not be negative"),
+            (self.learning_rate >= 0, "learning_rate must not be negative (0 picks one)"),
+            (0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)"),
+            (0 < self.mask_probability < 1, "mask_probability must be in (0, 1)"),
+            (0 < self.valid_fraction < 0.5, "valid_fraction must be in (0, 0.5)"),
+            (self.valid_blocks >= 1, "valid_blocks must be at least 1"),
+            (self.eval_every >= 0 and self.checkpoint_every >= 0, "eval_every and checkpoint_every must not be negative"),
+            (self.new_head_steps >= 0, "new_head_steps must not be negative"),
+            (self.precision in ("auto", "fp32", "bf16"), "precision must be 'auto', 'fp32' or 'bf16'"),
+            (self.device in ("cpu", "cuda", "auto"), "device must be 'cpu', 'cuda' or 'auto'"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(message)
+
+    def peak_lr(self, continued: bool) -> float:
+        return self.learning_rate or AUTO_LR["continued" if continued else "scratch"]
+
+
+@dataclass
+class PretrainResult:
+    steps: int                      # optimiser steps done in all (a resumed run counts the earlier ones)
+    tokens: int                     # training tokens seen in all
+    seconds: float                  # wall time of the loop in all, evaluations included
+    tokens_per_s: float             # training throughput of this run (evaluations and checkpoints excluded)
+    stopped_by: str                 # 'epochs', 'max_steps' or 'max_time'
+    bf16: bool
+    evals: list[dict]               # held-out metrics: step, loss, perplexity, accuracy, masked_tokens
+    history: list[dict] = field(repr=False)  # one row per step: step, epoch, loss, lr
+
+
+def build_model(tokenizer, settings: PretrainSettings, base: str | None = None):
+    """(BertForMaskedLM, note, kept): a fresh `size` model, or `base` with its MLM head (a new one if it has
+    none). `kept` holds the base's pooler weights, which BertForMaskedLM has no place for: the output folder
+    carries them on, so fine-tuning starts from the same pooler as the base would."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    torch.manual_seed(settings.seed)
+    if base is None:
+        config = BertConfig(vocab_size=len(tokenizer), max_position_embeddings=512,
+                            pad_token_id=tokenizer.pad_token_id, **SIZES[settings.size])
+        return BertForMaskedLM(config), f"new {settings.size} model", {}
+    from potluck.encoders import load_config, resolve_base
+
+    config = load_config(base)
+    if config.model_type != "bert":
+        raise UserError(f"base '{base}' is a {config.model_type} model; continued pre-training supports "
+                        "BERT encoders", hint="use 'minilm' or another BERT-family folder")
+    if settings.block_size > config.max_position_embeddings:
+        raise UserError(f"block size {settings.block_size} is longer than base '{base}' allows "
+                        f"({config.max_position_embeddings})", hint="lower --block-size")
+    if len(tokenizer) > config.vocab_size:
+        raise UserError(f"the tokenizer has {len(tokenizer)} tokens but base '{base}' only {config.vocab_size}",
+                        hint="continue with the base's own tokenizer (drop --tokenizer)")
+    model, info = BertForMaskedLM.from_pretrained(resolve_base(base), use_safetensors=True,
+                                                  output_loading_info=True)
+    new_head = sorted(k for k in info["missing_keys"] if k.startswith("cls."))
+    new_body = sorted(k for k in info["missing_keys"] if not k.startswith("cls."))
+    if new_body:
+        raise UserError(f"base '{base}' lacks encoder weights ({', '.join(new_body[:3])}...)",
+                        hint="check that it is a complete BERT folder")
+    note = "continued from its own masked-LM head"
+    if new_head:
+        model.config.tie_word_embeddings = True
+        model.tie_weights()
+        note = NEW_HEAD
+        logger.warning("%s: %s", base, note)
+    return model, note, _pooler_of(resolve_base(base), info["unexpected_keys"])
+
+
+def _pooler_of(source: str, unexpected: set[str]) -> dict[str, torch.Tensor]:
+    """The base's pooler tensors, named as in a BertForMaskedLM file ('bert.pooler...'), read with safetensors."""
+    from safetensors import safe_open
+    from transformers.utils import cached_file
+
+    names = [k for k in unexpected if k.startswith(("pooler.", "bert.pooler."))]
+    if not names:
+        return {}
+    try:
+        path = cached_file(source, "model.safetensors")
+    except OSError:
+        path = None
+    if path is None:
+        logger.info("the pooler of %s is not in one model.safetensors file: fine-tuning will start a new one", source)
+        return {}
+    with safe_open(path, framework="pt") as f:
+        return {"bert." + k.removeprefix("bert."): f.get_tensor(k) for k in names if k in f.keys()}
+
+
+def tokenize_corpus(tokenizer, documents: list[str]) -> list[list[int]]:
+    """Token ids of each document, without special tokens (packing adds [CLS] and [SEP])."""
+    return tokenizer(documents, add_special_tokens=False, return_attention_mask=False,
+                     return_token_type_ids=False, verbose=False)["input_ids"]
+
+
+def run(model, train_blocks: np.ndarray, valid_blocks: np.ndarray, masker: Masker, settings: PretrainSettings,
+        *, learning_rate: float, checkpoints: PretrainCheckpoints | None = None, resume: bool = False,
+        on_step: Callable[[dict], None] | None = None, head_steps: int = 0) -> PretrainResult:
+    """Pre-train `model` in place on (N, T) blocks; returns what happened, with held-out metrics.
+
+    The first `head_steps` steps train only the MLM head (a new one), at 10x the peak learning rate and
+    with the encoder frozen, so gradients through a random head do not disturb what the encoder knows
+    (linear probing before fine-tuning, Kumar et al. 2022); warm-up and decay follow from there.
+    """
+    device = resolve_device(settings.device)
+    model.to(device)
+    bf16 = use_bf16(settings.precision, device)
+    per_step = settings.batch_size * settings.grad_accumulation
+    steps_per_epoch = max(1, len(train_blocks) // per_step)
+    limit = steps_per_epoch * settings.epochs
+    limit = min(limit, settings.max_steps) if settings.max_steps else limit
+    optimizer = make_optimizer(model, SimpleNamespace(learning_rate=learning_rate,
+                                                      weight_decay=settings.weight_decay))
+    state = {"step": 0, "tokens": 0, "seconds": 0.0, "history": [], "evals": []}
+    if checkpoints and resume:
+        state = checkpoints.restore(model, optimizer) or state
+    valid_blocks = valid_blocks[:settings.valid_blocks]
+
+    def evaluate() -> dict:
+        metrics = {"step": state["step"], **held_out_metrics(model, valid_blocks, masker, settings, device, bf16)}
+        state["evals"].append(metrics)
+        logger.info("step %d: held-out loss %.4f, perplexity %.1f, accuracy %.3f", metrics["step"],
+                    metrics["loss"], metrics["perplexity"], metrics["accuracy"])
+        if on_step:
+            on_step({"eval": True, **metrics})
+        return metrics
+
+    if not state["evals"]:
+        evaluate()  # the starting point, so the card can say how far the loss fell
+    plan = {"total": limit, "warmup": max(1, round(settings.warmup_ratio * max(limit - head_steps, 1))),
+            "head": head_steps}
+    began, train_seconds, run_steps, stopped_by = time.perf_counter(), 0.0, 0, "epochs"
+    elapsed = lambda: state["seconds"] + time.perf_counter() - began  # noqa: E731
+    orders: dict[int, np.ndarray] = {}
+    model.train()
+    while state["step"] < plan["total"]:
+        if settings.max_time and elapsed() >= settings.max_time:
+            stopped_by = "max_time"
+            break
+        started = time.perf_counter()
+        step = state["step"]
+        epoch, within = divmod(step, steps_per_epoch)
+        model.bert.requires_grad_(step >= head_steps)  # (B, T) blocks flow through a frozen encoder at first
+        if epoch not in orders:
+            orders = {epoch: np.random.default_rng([settings.seed, epoch]).permutation(len(train_blocks))}
+        loss, lr = _train_step(model, optimizer, train_blocks, orders[epoch], step, within, masker, settings,
+                               learning_rate * _lr_factor(step, plan), device, bf16)
+        if not math.isfinite(loss):
+            raise UserError(f"the training loss became {loss} at step {step + 1}: training diverged",
+                            hint="lower --learning-rate or raise --warmup-ratio (the last checkpoint is intact)")
+        state["step"] += 1
+        state["tokens"] += per_step * train_blocks.shape[1]
+        train_seconds += time.perf_counter() - started
+        run_steps += 1
+        row = {"step": state["step"], "epoch": epoch + 1, "loss": loss, "lr": lr}
+        state["history"].append(row)
+        if settings.max_time and run_steps >= 3 and run_steps % 5 == 0:
+            left = settings.max_time - elapsed()
+            plan["total"] = min(limit, state["step"] + max(1, int(left / (train_seconds / run_steps))))
+            plan["warmup"] = max(1, round(settings.warmup_ratio * max(plan["total"] - head_steps, 1)))
+        if on_step:
+            on_step({**row, "total_steps": plan["total"], "elapsed": elapsed(),
+                     "tokens_per_s": run_steps * per_step * train_blocks.shape[1] / max(train_seconds, 1e-9)})
+        if settings.eval_every and state["step"] % settings.eval_every == 0:
+            evaluate()
+            model.train()
+        if checkpoints and settings.checkpoint_every and state["step"] % settings.checkpoint_every == 0:
+            checkpoints.save(model, optimizer, {**state, "seconds": elapsed()})
+    else:  # the step plan ran out: the time budget (it set the plan), --max-steps, or the epochs
+        stopped_by = ("max_time" if plan["total"] < limit else
+                      "max_steps" if settings.max_steps and state["step"] >= settings.max_steps else "epochs")
+    model.bert.requires_grad_(True)
+    if state["evals"][-1]["step"] != state["step"]:
+        evaluate()
+    state["seconds"] = elapsed()
+    if checkpoints:
+        checkpoints.save(model, optimizer, state)
+    model.eval()
+    tokens_per_s = run_steps * per_step * train_blocks.shape[1] / train_seconds if train_seconds else 0.0
+    return PretrainResult(steps=state["step"], tokens=state["tokens"], seconds=state["seconds"],
+                          tokens_per_s=tokens_per_s, stopped_by=stopped_by, bf16=bf16,
+                          evals=state["evals"], history=state["history"])
+
+
+def _lr_factor(step: int, plan: dict) -> float:
+    """10x during the head-only steps; then linear warm-up to the peak and linear decay to zero at
+    plan['total'] (the formula of finetune.linear_schedule, counted from the end of the head-only steps)."""
+    if step < plan["head"]:
+        return 10.0
+    step, total, warmup = step - plan["head"], plan["total"] - plan["head"], plan["warmup"]
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
+def _train_step(model, optimizer, blocks: np.ndarray, order: np.ndarray, step: int, within: int,
+                masker: Masker, settings: PretrainSettings, lr: float, device, bf16: bool) -> tuple[float, float]:
+    """Optimiser step `step` (the `within`-th of its epoch) over grad_accumulation batches: (mean loss, lr)."""
+    B, A = settings.batch_size, settings.grad_accumulation
+    step_seed = settings.seed * 1_000_003 + step
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    generator = torch.Generator().manual_seed(step_seed)  # masks: the same after a resume
+    torch.manual_seed(step_seed)  # dropout: the same after a resume
+    total = 0.0
+    for a in range(A):
+        start = (within * A + a) * B
+        ids = torch.from_numpy(blocks[order[np.arange(start, start + B) % len(order)]])  # (B, T)
+        inputs, labels = masker(ids, generator)  # (B, T), (B, T) with -100 where nothing is predicted
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits, targets = mlm_logits(model, inputs.to(device), labels.to(device))  # (M, V), (M,)
+        loss = torch.nn.functional.cross_entropy(logits.float(), targets)
+        (loss / A).backward()
+        total += loss.item() / A
+    torch.nn.utils.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total, lr
+
+
+@torch.inference_mode()
+def held_out_metrics(model, blocks: np.ndarray, masker: Masker, settings: PretrainSettings,
+                     device, bf16: bool) -> dict:
+    """Masked-token loss, perplexity and accuracy on held-out blocks, with the same masks every time."""
+    was_training = model.training
+    model.eval()
+    generator = torch.Generator().manual_seed(settings.seed + 99_991)
+    loss_sum, correct, n = 0.0, 0, 0
+    for start in range(0, len(blocks), settings.batch_size):
+        ids = torch.from_numpy(blocks[start:start + settings.batch_size])  # (B, T)
+        inputs, labels = masker(ids, generator)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits, targets = mlm_logits(model, inputs.to(device), labels.to(device))  # (M, V), (M,)
+        loss_sum += torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum").item()
+        correct += int((logits.argmax(-1) == targets).sum())
+        n += len(targets)
+    model.train(was_training)
+    loss = loss_sum / max(n, 1)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "accuracy": correct / max(n, 1),
+            "masked_tokens": n}
+
+
+def pretrain(corpus, out: str | os.PathLike, *, settings: PretrainSettings | None = None,
+             tokenizer: str | os.PathLike | None = None, base: str | None = None,
+             checkpoint_dir: str | os.PathLike | None = None, resume: bool = False,
+             on_step: Callable[[dict], None] | None = None, command: str | None = None) -> PretrainResult:
+    """Pre-train on a `Corpus` from scratch (with `tokenizer`) or continued (from `base`); write `out`."""
+    from potluck.corpus import pack_blocks
+    from potluck.data import DataError
+    from potluck.mlm import save_encoder
+    from potluck.tokenization import check_mlm_tokenizer, load_tokenizer
+
+    settings = settings or PretrainSettings()
+    check_source(tokenizer, base)
+    if base is not None:
+        from potluck.encoders import load_tokenizer as base_tokenizer
+
+        tok = base_tokenizer(base)
+        check_mlm_tokenizer(tok, str(base))
+    else:
+        tok = load_tokenizer(tokenizer)
+    model, note, kept = build_model(tok, settings, base)
+    train_docs, valid_docs = corpus.split(settings.valid_fraction, seed=settings.seed)
+    ids = {"cls_id": tok.cls_token_id, "sep_id": tok.sep_token_id}
+    train_blocks = pack_blocks(tokenize_corpus(tok, train_docs.documents), settings.block_size, **ids)
+    valid_blocks = pack_blocks(tokenize_corpus(tok, valid_docs.documents), settings.block_size, **ids)
+    if len(train_blocks) == 0 or len(valid_blocks) == 0:
+        raise DataError(f"the corpus is too small for blocks of {settings.block_size} tokens "
+                        f"({len(train_blocks)} training and {len(valid_blocks)} held-out blocks)",
+                        path=corpus.files[0][0] if corpus.files else None,
+                        hint="add more text, or lower --block-size / raise --valid-fraction")
+    logger.info("%d training blocks and %d held-out blocks of %d tokens; %s", len(train_blocks),
+                len(valid_blocks), settings.block_size, note)
+    masker = Masker(tok, settings.mask_probability, whole_word=settings.whole_word_mask)
+    checkpoints = None
+    if checkpoint_dir:
+        identity = {"corpus": corpus.fingerprint(), "base": base, "tokenizer": masker.vocab_fingerprint,
+                    "settings": {k: v for k, v in vars(settings).items() if k not in BUDGET_FIELDS}}
+        checkpoints = PretrainCheckpoints(checkpoint_dir, identity)
+    result = run(model, train_blocks, valid_blocks, masker, settings, checkpoints=checkpoints, resume=resume,
+                 learning_rate=settings.peak_lr(base is not None), on_step=on_step,
+                 head_steps=settings.new_head_steps if note == NEW_HEAD else 0)
+    save_encoder(model, tok, out, result=result, settings=settings, corpus=corpus, base=base,
+                 tokenizer_source=tokenizer, head_note=note, command=command, kept=kept,
+                 blocks={"train": len(train_blocks), "valid": min(len(valid_blocks), settings.valid_blocks)})
+    return result
+
+
+def check_source(tokenizer, base) -> None:
+    """Exactly one of: a tokenizer (from scratch) or a base (continued)."""
+    if (tokenizer is None) == (base is None):
+        raise UserError("give a tokenizer to pre-train from scratch, or a base to continue from (not both)",
+                        hint="e.g. --tokenizer tok/ (made by `potluck tokenizer`), or --from minilm")
+
+
+def fill_mask(folder: str | os.PathLike, texts: str | list[str], top_k: int = 5) -> list:
+    """Top-k fillers of each [MASK]: one text in, a list (one per mask) of [{token, score, sequence}] out."""
+    from transformers import AutoModelForMaskedLM, AutoTokenizer, pipeline
+
+    path = Path(folder)
+    if not (path / "config.json").is_file():
+        raise UserError(f"{path} is not a model folder (no config.json)", hint="pass the --out folder of `potluck pretrain`")
+    if not 1 <= top_k <= 100:
+        raise UserError(f"top_k {top_k} is out of range", hint="use 1 to 100")
+    model, info = AutoModelForMaskedLM.from_pretrained(path, use_safetensors=True, output_loading_info=True)
+    if any(".predictions." in key or "lm_head" in key for key in info["missing_keys"]):
+        raise UserError(f"{path} has no masked-LM head (an encoder without one, or a classifier)",
+                        hint=f"give it one with `potluck pretrain --from {path} ...`")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    single = isinstance(texts, str)
+    for text in [texts] if single else texts:
+        if tokenizer.mask_token not in text:
+            raise UserError(f"no {tokenizer.mask_token} in {text!r}", hint=f"put {tokenizer.mask_token} where a word is missing")
+    fill = pipeline("fill-mask", model=model, tokenizer=tokenizer, top_k=top_k)
+    answers = []
+    for text in [texts] if single else texts:
+        found = fill(text)
+        per_mask = found if found and isinstance(found[0], list) else [found]
+        answers.append([[{"token": r["token_str"].strip(), "score": float(r["score"]), "sequence": r["sequence"]}
+                         for r in mask] for mask in per_mask])
+    return answers[0] if single else answers

@@ -1,0 +1,291 @@
+"""The FastAPI app: one predict route per model folder, health and readiness, /info, /metrics, the page.
+
+    potluck serve models/urgency models/intent --port 8080 [--api-key-file keys.txt]
+
+    from potluck.serving.app import create_app
+    app = create_app(["models/urgency"])                 # then: uvicorn.run(app) or TestClient(app)
+
+Routes: POST /v1/models/{name}/predict (and POST /predict when one model is loaded), GET /health,
+/ready, /info, /metrics (Prometheus), /docs (OpenAPI), and / (the web page). Errors are JSON
+`{"error": one line, "error_type": ...}` with a 4xx status for the client's mistakes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import re
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException
+
+from potluck import __version__
+from potluck.calibration import softmax
+from potluck.errors import UserError
+from potluck.inference import Predictor
+from potluck.serving.auth import KeyRing
+from potluck.serving.batcher import MicroBatcher
+from potluck.serving.limits import BodyLimitMiddleware, BodyTooLarge, too_large_message
+from potluck.serving.metrics import Metrics, MetricsMiddleware
+from potluck.serving.schemas import ErrorResponse, Info, Limits, ModelInfo, PredictRequest, PredictResponse
+from potluck.serving.settings import ServeSettings
+
+logger = logging.getLogger(__name__)
+
+STATIC = Path(__file__).parent / "static"
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+ERRORS = {400: "validation", 401: "unauthorized", 404: "not_found", 405: "not_found", 413: "payload_too_large",
+          422: "validation", 503: "unavailable"}
+PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; frame-ancestors 'none'",
+                "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
+
+
+class ApiError(HTTPException):
+    """A 4xx answer with one line that says what is wrong and what to do."""
+
+
+@dataclass
+class ServedModel:
+    """One loaded model folder: its predictor, its potluck.json and (while running) its batcher."""
+
+    name: str
+    predictor: Predictor
+    meta: dict
+    batcher: MicroBatcher | None = None
+
+    def info(self) -> ModelInfo:
+        p = self.predictor
+        return ModelInfo(name=self.name, route=f"/v1/models/{self.name}/predict", labels=p.labels,
+                         base=self.meta.get("base"), max_length=p.max_length, precision=p.precision_used,
+                         created=self.meta.get("created"), metrics=self.meta.get("metrics") or {},
+                         calibration=self.meta.get("calibration") or {})
+
+
+def load_models(folders: Sequence[str | os.PathLike], precision: str = "auto") -> dict[str, ServedModel]:
+    """Load each folder as a model named after the folder; names must be unique and URL-safe."""
+    models: dict[str, ServedModel] = {}
+    for folder in folders:
+        folder = Path(folder)
+        name = folder.resolve().name
+        if not NAME.match(name):
+            raise UserError(f"model folder name '{name}' cannot be a route name",
+                            hint="rename it to letters, digits, '.', '_' or '-'")
+        if name in models:
+            raise UserError(f"two model folders are both named '{name}'", hint="rename one of them")
+        if not folder.is_dir():
+            raise UserError(f"no such model folder: {folder}", hint="pass the --out folder of `potluck finetune`")
+        meta_path = folder / "potluck.json"
+        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+        models[name] = ServedModel(name, Predictor.from_folder(folder, precision=precision), meta)
+        logger.info("loaded %s from %s (%s)", name, folder, models[name].predictor.precision_used)
+    if not models:
+        raise UserError("no model folders given", hint="e.g. potluck serve models/urgency")
+    return models
+
+
+def create_app(folders: Sequence[str | os.PathLike] = (), settings: ServeSettings | None = None, *,
+               keys: KeyRing | None = None, models: dict[str, ServedModel] | None = None) -> FastAPI:
+    """Build the app for model folders (or already loaded `models`); batchers start with the app."""
+    settings = settings or ServeSettings()
+    models = models if models is not None else load_models(folders, settings.precision)
+    metrics = Metrics()
+    state = {"ready": False}
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        model_thread = ThreadPoolExecutor(1, thread_name_prefix="potluck-model")
+        app.state.tokenizer_thread = ThreadPoolExecutor(1, thread_name_prefix="potluck-tokenize")
+        for m in models.values():
+            m.batcher = MicroBatcher(m.predictor.logits_from_ids, model_thread, max_wait_ms=settings.max_wait_ms,
+                                     max_batch_texts=settings.max_batch_texts,
+                                     max_batch_tokens=settings.max_batch_tokens,
+                                     on_batch=lambda n, t, s, name=m.name: metrics.observe_batch(name, n, t, s))
+            m.batcher.start()
+        for m in models.values():  # the first run of a model pays one-off costs: not a user's request
+            await m.batcher.submit(m.predictor.encode(["warm up"]))
+        state["ready"] = True
+        logger.info("ready: %s", ", ".join(models))
+        try:
+            yield
+        finally:
+            state["ready"] = False
+            await asyncio.gather(*(m.batcher.stop(settings.graceful_timeout) for m in models.values()))
+            model_thread.shutdown(wait=True)
+            app.state.tokenizer_thread.shutdown(wait=True)
+
+    app = FastAPI(title="Potluck", version=__version__, lifespan=lifespan,
+                  description="Text classification with calibrated probabilities. Request and response shapes "
+                              "follow text-embeddings-inference's /predict.")
+    app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    add_error_handlers(app, models, settings)
+
+    def require_key(request: Request) -> None:
+        if keys is not None and not keys.check(request.headers.get("authorization")):
+            raise ApiError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
+                           headers={"WWW-Authenticate": "Bearer"})
+
+    guarded = [Depends(require_key)]
+    predict_doc = dict(
+        response_model=PredictResponse, dependencies=guarded,
+        responses={code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 422)},
+        openapi_extra={"requestBody": {"required": True,
+                                       "content": {"application/json": {"schema": PredictRequest.model_json_schema()}}}})
+
+    def route(model: ServedModel):
+        async def predict_route(request: Request) -> Response:
+            return await predict(request, model, settings)
+        return predict_route
+
+    for name, model in models.items():
+        app.post(f"/v1/models/{name}/predict", summary=f"Classify texts with '{name}'", tags=["predict"],
+                 operation_id=f"predict_{name}", **predict_doc)(route(model))
+    if len(models) == 1:
+        only = next(iter(models.values()))
+        app.post("/predict", summary=f"Classify texts with '{only.name}' (the only model loaded)",
+                 tags=["predict"], operation_id="predict", **predict_doc)(route(only))
+
+    @app.get("/health", tags=["service"], summary="The process is up")
+    async def health() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/ready", tags=["service"], summary="Models are loaded and warm (503 while starting or stopping)")
+    async def ready() -> JSONResponse:
+        if not state["ready"]:
+            return JSONResponse({"status": "unavailable", "models": list(models)}, status_code=503)
+        return JSONResponse({"status": "ready", "models": list(models)})
+
+    @app.get("/info", tags=["service"], response_model=Info, dependencies=guarded,
+             summary="Loaded models, their labels, base and training metrics, and the request limits")
+    async def info() -> Info:
+        limits = Limits(max_texts=settings.max_texts, max_chars=settings.max_chars,
+                        max_body_bytes=settings.max_body_bytes, auto_truncate=settings.auto_truncate)
+        return Info(version=__version__, models=[m.info() for m in models.values()], limits=limits,
+                    auth=keys is not None)
+
+    @app.get("/metrics", tags=["service"], dependencies=guarded, summary="Prometheus metrics")
+    async def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> FileResponse:
+        return FileResponse(STATIC / "index.html", headers=PAGE_HEADERS)
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    app.state.models = models
+    app.state.metrics = metrics
+    return app
+
+
+async def predict(request: Request, model: ServedModel, settings: ServeSettings) -> Response:
+    """Parse and check the request, tokenize off the event loop, wait for the batch, rank the labels."""
+    req = parse_request(await request.body())  # a body over the limit raises BodyTooLarge (413)
+    texts = req.texts()
+    if not texts:
+        raise ApiError(422, "'inputs' is empty: send a text or a list of texts")
+    if len(texts) > settings.max_texts:
+        raise ApiError(413, f"{len(texts)} texts in one request, more than the limit of {settings.max_texts}: "
+                            "split them over several requests")
+    for i, text in enumerate(texts):
+        if len(text) > settings.max_chars:
+            raise ApiError(413, f"text {i} has {len(text)} characters, more than the limit of "
+                                f"{settings.max_chars}: shorten it")
+    truncate = settings.auto_truncate if req.truncate is None else req.truncate
+    loop = asyncio.get_running_loop()
+    try:
+        ids = await loop.run_in_executor(request.app.state.tokenizer_thread, model.predictor.encode, texts, truncate)
+    except UserError as err:
+        raise ApiError(422, str(err)) from err
+    logits = await model.batcher.submit(ids)  # (N, C)
+    scores = logits if req.raw_scores else softmax(logits)
+    labels = model.predictor.labels
+    ranked = [[{"label": labels[j], "score": round(float(row[j]), 6)} for j in np.argsort(-row, kind="stable")]
+              for row in scores]
+    return JSONResponse(ranked[0] if isinstance(req.inputs, str) else ranked)
+
+
+def parse_request(body: bytes) -> PredictRequest:
+    """The JSON body as a PredictRequest (whatever the Content-Type, so `curl -d` works), or a 4xx."""
+    if not body.strip():
+        raise ApiError(400, 'empty request body: send JSON such as {"inputs": "a text"}')
+    try:
+        return PredictRequest.model_validate_json(body)
+    except ValidationError as err:
+        first = err.errors()[0]
+        if first["type"] == "json_invalid":
+            raise ApiError(400, f"malformed JSON: {first['ctx']['error']}") from err
+        raise ApiError(422, one_line(err.errors())) from err
+
+
+def one_line(errors: list[dict]) -> str:
+    """pydantic's errors as one line: 'inputs: Input should be a valid string; ...'."""
+    parts: list[str] = []
+    for e in errors:
+        loc = [str(part) for part in e["loc"] if part != "body"]
+        if e["type"] == "value_error":
+            line = f"{loc[0]}: {e['msg'].removeprefix('Value error, ')}"
+        elif e["type"] == "extra_forbidden":
+            line = f"unknown field '{'.'.join(loc)}'"
+        elif loc and loc[0] == "inputs" and e["type"] != "missing":  # a union's errors: say it plainly, once
+            line = "inputs: must be a text or a list of texts"
+        else:
+            line = f"{'.'.join(loc) or 'body'}: {e['msg']}"
+        if line not in parts:
+            parts.append(line)
+    return "; ".join(parts[:3]) + ' (expected {"inputs": "a text" or ["a text", ...]})'
+
+
+def add_error_handlers(app: FastAPI, models: dict[str, ServedModel], settings: ServeSettings) -> None:
+    """Every error as {"error": one line, "error_type": ...}; a 404 names the models that exist."""
+
+    def answer(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+        return JSONResponse({"error": message, "error_type": ERRORS.get(status, "internal")}, status_code=status,
+                            headers=headers)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        message = str(exc.detail)
+        if not isinstance(exc, ApiError):
+            message = framework_message(request, exc, models)
+        return answer(exc.status_code, message, getattr(exc, "headers", None))
+
+    @app.exception_handler(BodyTooLarge)
+    async def body_too_large(request: Request, exc: BodyTooLarge) -> JSONResponse:
+        return answer(413, too_large_message(settings.max_body_bytes), {"Connection": "close"})
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return answer(422, one_line(list(exc.errors())))
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("internal error on %s %s", request.method, request.url.path)
+        return answer(500, f"internal error ({exc.__class__.__name__}); the server log has the details")
+
+
+def framework_message(request: Request, exc: HTTPException, models: dict[str, ServedModel]) -> str:
+    """Turn Starlette's terse 404 and 405 into a line that says what to do."""
+    path, names = request.url.path, ", ".join(models)
+    if exc.status_code == 405:
+        return f"{request.method} is not allowed on {path}: see /docs for the methods of each route"
+    if exc.status_code == 404:
+        found = re.fullmatch(r"/v1/models/([^/]+)/predict", path)
+        if found:
+            return f"unknown model '{found.group(1)}'; loaded: {names}"
+        if path == "/predict":
+            return f"several models are loaded ({names}): use /v1/models/<name>/predict"
+        return f"no route {path}: see /docs"
+    return str(exc.detail)
