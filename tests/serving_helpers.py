@@ -13,7 +13,8 @@ from pathlib import Path
 
 import httpx
 
-FAST = dict(epochs=3, batch_size=8, learning_rate=3e-3, precision="fp32", warmup_ratio=0.0)
+FAST = dict(epochs=3, batch_size=8, learning_rate=3e-3, precision="fp32", warmup_ratio=0.0,
+            train_word_embeddings=True)  # a random encoder has nothing to transfer: its word embeddings must learn too
 
 
 def tiny_model(tmp_path_factory, tiny_encoder, name: str = "urgency") -> Path:

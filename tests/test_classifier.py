@@ -9,7 +9,8 @@ import torch
 from potluck import TextClassifier
 from potluck.errors import UserError
 
-FAST = dict(epochs=3, batch_size=8, learning_rate=3e-3, precision="fp32", warmup_ratio=0.0)
+FAST = dict(epochs=3, batch_size=8, learning_rate=3e-3, precision="fp32", warmup_ratio=0.0,
+            train_word_embeddings=True)  # a random encoder has nothing to transfer: its word embeddings must learn too
 
 
 @pytest.fixture(scope="module")
@@ -117,3 +118,21 @@ def test_evaluate_reports_metrics(fitted):
     metrics = fitted.evaluate(texts, labels)
     assert metrics["n"] == 40 and 0 <= metrics["ece"] <= 1
     assert set(metrics["per_class"]) == {"calm", "urgent"}
+
+
+def test_word_embeddings_stay_fixed_by_default_and_the_rest_trains(tiny_encoder):
+    """The default keeps the word-embedding matrix (the bulk of a small encoder) out of the optimiser;
+    every other weight moves, and the saved model is an ordinary trainable one again."""
+    from conftest import toy_texts
+    from transformers import AutoModel
+
+    texts, labels = toy_texts(40)
+    clf = TextClassifier(base=tiny_encoder, **dict(FAST, epochs=1, precision="auto", train_word_embeddings=False)).fit(texts, labels)
+    model = clf.predictor_.model
+    before = AutoModel.from_pretrained(tiny_encoder).state_dict()
+    after = {k.removeprefix("bert."): v for k, v in model.state_dict().items()}
+    assert torch.equal(after["embeddings.word_embeddings.weight"], before["embeddings.word_embeddings.weight"])
+    assert not torch.equal(after["encoder.layer.0.attention.self.query.weight"],
+                           before["encoder.layer.0.attention.self.query.weight"])
+    assert all(p.requires_grad for p in model.parameters())
+    assert model.config._attn_implementation == "sdpa"

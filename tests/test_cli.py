@@ -40,7 +40,7 @@ def model_dir(train_file, tiny_encoder, tmp_path_factory):
     out = tmp_path_factory.mktemp("cli-model") / "m"
     result = run("finetune", "--data", train_file, "--text-column", "body", "--label-column", "urgency",
                  "--base", tiny_encoder, "--out", out, "--epochs", "2", "--learning-rate", "3e-3",
-                 "--precision", "fp32", "--batch-size", "8")
+                 "--precision", "fp32", "--batch-size", "8", "--train-word-embeddings")  # random encoder
     assert result.returncode == 0, result.stderr
     assert "saved" in result.stderr and "ECE" in result.stderr
     assert not out.with_name("m.checkpoints").exists()

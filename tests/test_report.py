@@ -54,7 +54,8 @@ def files(tmp_path_factory, tiny_encoder):
     texts, labels = toy_texts(60, seed=5)
     texts[0] = NASTY
     write_rows(folder / "test.csv", [{"text": t, "label": y} for t, y in zip(texts, labels, strict=True)])
-    clf = TextClassifier(base=tiny_encoder, epochs=2, learning_rate=3e-3, precision="fp32", batch_size=8)
+    clf = TextClassifier(base=tiny_encoder, epochs=2, learning_rate=3e-3, precision="fp32", batch_size=8,
+                         train_word_embeddings=True)  # a random encoder: its embeddings must learn
     clf.fit(read_data(folder / "train.csv")).save(folder / "model")
     return folder
 
