@@ -101,3 +101,30 @@ def test_two_process_run_resumes_after_a_kill(setup, tmp_path):
     resumed = subprocess.run([*POTLUCK, "-v", *args[len(POTLUCK):], "--resume"], capture_output=True, text=True, timeout=240)
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from" in resumed.stderr and (out / "model.safetensors").exists()
+
+
+def pretrain_args(folder, encoder, out, *extra):
+    """Continued pre-training of the tiny encoder (no MLM head: 2 head-only steps first) on the texts."""
+    return [*POTLUCK, "pretrain", "--corpus", str(folder / "train.csv"), "--from", str(encoder), "--out", str(out),
+            "--block-size", "16", "--batch-size", "4", "--max-steps", "6", "--new-head-steps", "2",
+            "--learning-rate", "1e-3", "--eval-every", "0", "--precision", "fp32", *extra]
+
+
+def test_two_process_pretraining_matches_one_with_the_same_effective_batch(setup):
+    from safetensors.torch import load_file
+
+    folder, encoder = setup
+    one = subprocess.run(pretrain_args(folder, encoder, folder / "enc-one"), capture_output=True, text=True)
+    two = subprocess.run(pretrain_args(folder, encoder, folder / "enc-two", "--nproc", "2"),
+                         capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr
+    assert two.returncode == 0, two.stderr
+    assert "on 2 processes (effective batch 4 blocks)" in two.stderr
+    assert two.stderr.count("pre-training") == 1 and two.stderr.count("saved") == 1  # rank 0 only talks
+    w1, w2 = load_file(folder / "enc-one" / "model.safetensors"), load_file(folder / "enc-two" / "model.safetensors")
+    start = load_file(encoder / "model.safetensors")
+    moved = w1["bert.encoder.layer.0.attention.self.query.weight"] - start["encoder.layer.0.attention.self.query.weight"]
+    assert moved.abs().max() > 1e-3  # the encoder trained after the head-only steps
+    assert w1.keys() == w2.keys()
+    for name in w1:  # same masks, same rows, same averaged gradients: only summation order differs
+        np.testing.assert_allclose(w1[name].numpy(), w2[name].numpy(), atol=1e-4, err_msg=name)

@@ -431,22 +431,33 @@ def pretrain_command(
     resume: Annotated[bool, typer.Option(help="continue from the last checkpoint (budgets may be raised)")] = False,
     checkpoint_dir: Annotated[Path | None, typer.Option(help="where checkpoints go (default: OUT.checkpoints)")] = None,
     keep_checkpoints: Annotated[bool, typer.Option(help="keep the last checkpoint, to train longer later with --resume")] = False,
+    nproc: Annotated[int, typer.Option(help="training processes on this machine (spawns torchrun)")] = 1,
     **settings,
 ):
     """Pre-train an encoder by mask filling: from scratch (--tokenizer) or continued (--from)."""
+    from potluck import distributed
     from potluck.classifier import remove_checkpoints
     from potluck.corpus import read_corpus
     from potluck.pretrain import check_source, pretrain
 
+    ctx = distributed.context()
+    if nproc > 1 and not ctx.enabled:
+        distributed.launch(nproc, without_option(sys.argv[1:], "--nproc"))
+        return
     s = PretrainSettings(**settings)
     check_source(tokenizer, base)
     docs = read_corpus(corpus, text_column=text_column, per_file=per_file)
     checkpoint_dir = checkpoint_dir or out_dir.with_name(out_dir.name + ".checkpoints")
     what = f"continuing [bold]{base}[/]" if base else f"a new [bold]{s.size}[/] encoder"
-    console.print(f"pre-training {what} on {len(docs)} documents ({docs.n_characters()} characters)")
+    procs = f" on {ctx.world_size} processes (effective batch {s.batch_size * s.grad_accumulation} blocks)"
+    if ctx.is_main:
+        console.print(f"pre-training {what} on {len(docs)} documents ({docs.n_characters()} characters)"
+                      f"{procs if ctx.enabled else ''}")
     with PretrainProgress() as progress:
         result = pretrain(docs, out_dir, settings=s, tokenizer=tokenizer, base=base, checkpoint_dir=checkpoint_dir,
                           resume=resume, on_step=progress.update, command=shlex.join(["potluck", *sys.argv[1:]]))
+    if not ctx.is_main:
+        return  # rank 0 wrote the folder and reports
     if not keep_checkpoints:
         remove_checkpoints(checkpoint_dir)
     end = result.evals[-1]

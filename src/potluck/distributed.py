@@ -75,6 +75,15 @@ def shard(batch: list[int], ctx: Context) -> list[int]:
     return batch[ctx.rank::ctx.world_size]
 
 
+def agree(ctx: Context, value: float) -> float:
+    """Rank 0's `value` on every rank (decisions from a clock, such as --max-time, must not differ)."""
+    if not ctx.enabled:
+        return value
+    tensor = torch.tensor([float(value)], dtype=torch.float64)
+    dist.broadcast(tensor, src=0)
+    return tensor.item()
+
+
 def report_error(message: str) -> None:
     """Leave this rank's one-line error where the launcher (`launch`) will find it."""
     folder = os.environ.get(ERROR_DIR)

@@ -16,6 +16,7 @@ exactly. The output is a Hugging Face folder that `pipeline("fill-mask")` and `p
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -28,6 +29,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
+from potluck import distributed
 from potluck.errors import UserError
 from potluck.finetune import make_optimizer, resolve_device
 from potluck.inference import use_bf16
@@ -182,10 +184,16 @@ def run(model, train_blocks: np.ndarray, valid_blocks: np.ndarray, masker: Maske
     with the encoder frozen, so gradients through a random head do not disturb what the encoder knows
     (linear probing before fine-tuning, Kumar et al. 2022); warm-up and decay follow from there.
     """
-    device = resolve_device(settings.device)
+    ctx = distributed.context()
+    device = distributed.device_for(ctx, resolve_device(settings.device))
+    distributed.init(ctx, device)
+    if settings.batch_size < ctx.world_size:
+        raise UserError(f"--batch-size {settings.batch_size} is smaller than the {ctx.world_size} processes",
+                        hint="each process needs at least one block per batch: raise --batch-size")
     model.to(device)
+    on_step = on_step if ctx.is_main else None
     bf16 = use_bf16(settings.precision, device)
-    per_step = settings.batch_size * settings.grad_accumulation
+    per_step = settings.batch_size * settings.grad_accumulation  # the effective (global) batch, in blocks
     steps_per_epoch = max(1, len(train_blocks) // per_step)
     limit = steps_per_epoch * settings.epochs
     limit = min(limit, settings.max_steps) if settings.max_steps else limit
@@ -193,17 +201,19 @@ def run(model, train_blocks: np.ndarray, valid_blocks: np.ndarray, masker: Maske
                                                       weight_decay=settings.weight_decay))
     state = {"step": 0, "tokens": 0, "seconds": 0.0, "history": [], "evals": []}
     if checkpoints and resume:
-        state = checkpoints.restore(model, optimizer) or state
+        state = checkpoints.restore(model, optimizer) or state  # every rank resumes from the same files
+    checkpoints = checkpoints if ctx.is_main else None  # rank 0 writes them
     valid_blocks = valid_blocks[:settings.valid_blocks]
 
-    def evaluate() -> dict:
+    def evaluate() -> None:
+        if not ctx.is_main:  # only rank 0 reports; the others wait for it at the next all-reduce
+            return
         metrics = {"step": state["step"], **held_out_metrics(model, valid_blocks, masker, settings, device, bf16)}
         state["evals"].append(metrics)
         logger.info("step %d: held-out loss %.4f, perplexity %.1f, accuracy %.3f", metrics["step"],
                     metrics["loss"], metrics["perplexity"], metrics["accuracy"])
         if on_step:
             on_step({"eval": True, **metrics})
-        return metrics
 
     if not state["evals"]:
         evaluate()  # the starting point, so the card can say how far the loss fell
@@ -212,19 +222,23 @@ def run(model, train_blocks: np.ndarray, valid_blocks: np.ndarray, masker: Maske
     began, train_seconds, run_steps, stopped_by = time.perf_counter(), 0.0, 0, "epochs"
     elapsed = lambda: state["seconds"] + time.perf_counter() - began  # noqa: E731
     orders: dict[int, np.ndarray] = {}
+    wrapped: dict[bool, torch.nn.Module] = {}
     model.train()
     while state["step"] < plan["total"]:
-        if settings.max_time and elapsed() >= settings.max_time:
+        if settings.max_time and distributed.agree(ctx, elapsed() >= settings.max_time):  # rank 0's clock
             stopped_by = "max_time"
             break
         started = time.perf_counter()
         step = state["step"]
         epoch, within = divmod(step, steps_per_epoch)
-        model.bert.requires_grad_(step >= head_steps)  # (B, T) blocks flow through a frozen encoder at first
+        encoder_trains = step >= head_steps
+        model.bert.requires_grad_(encoder_trains)  # (B, T) blocks flow through a frozen encoder at first
+        if encoder_trains not in wrapped:  # DDP registers the trainable parameters when it is built
+            wrapped = {encoder_trains: _wrap(model, ctx)}
         if epoch not in orders:
             orders = {epoch: np.random.default_rng([settings.seed, epoch]).permutation(len(train_blocks))}
-        loss, lr = _train_step(model, optimizer, train_blocks, orders[epoch], step, within, masker, settings,
-                               learning_rate * _lr_factor(step, plan), device, bf16)
+        loss, lr = _train_step(wrapped[encoder_trains], model, optimizer, train_blocks, orders[epoch], step,
+                               within, masker, settings, learning_rate * _lr_factor(step, plan), device, bf16, ctx)
         if not math.isfinite(loss):
             raise UserError(f"the training loss became {loss} at step {step + 1}: training diverged",
                             hint="lower --learning-rate or raise --warmup-ratio (the last checkpoint is intact)")
@@ -236,7 +250,8 @@ def run(model, train_blocks: np.ndarray, valid_blocks: np.ndarray, masker: Maske
         state["history"].append(row)
         if settings.max_time and run_steps >= 3 and run_steps % 5 == 0:
             left = settings.max_time - elapsed()
-            plan["total"] = min(limit, state["step"] + max(1, int(left / (train_seconds / run_steps))))
+            total = min(limit, state["step"] + max(1, int(left / (train_seconds / run_steps))))
+            plan["total"] = int(distributed.agree(ctx, total))  # every rank plans rank 0's number of steps
             plan["warmup"] = max(1, round(settings.warmup_ratio * max(plan["total"] - head_steps, 1)))
         if on_step:
             on_step({**row, "total_steps": plan["total"], "elapsed": elapsed(),
@@ -250,7 +265,7 @@ def run(model, train_blocks: np.ndarray, valid_blocks: np.ndarray, masker: Maske
         stopped_by = ("max_time" if plan["total"] < limit else
                       "max_steps" if settings.max_steps and state["step"] >= settings.max_steps else "epochs")
     model.bert.requires_grad_(True)
-    if state["evals"][-1]["step"] != state["step"]:
+    if ctx.is_main and state["evals"][-1]["step"] != state["step"]:
         evaluate()
     state["seconds"] = elapsed()
     if checkpoints:
@@ -273,29 +288,57 @@ def _lr_factor(step: int, plan: dict) -> float:
     return max(0.0, (total - step) / max(1, total - warmup))
 
 
-def _train_step(model, optimizer, blocks: np.ndarray, order: np.ndarray, step: int, within: int,
-                masker: Masker, settings: PretrainSettings, lr: float, device, bf16: bool) -> tuple[float, float]:
-    """Optimiser step `step` (the `within`-th of its epoch) over grad_accumulation batches: (mean loss, lr)."""
+class _MaskedLM(torch.nn.Module):
+    """`mlm_logits` as a module's forward, so DistributedDataParallel can wrap it."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, inputs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return mlm_logits(self.model, inputs, labels)
+
+
+def _wrap(model, ctx: distributed.Context) -> torch.nn.Module:
+    module = _MaskedLM(model)
+    return torch.nn.parallel.DistributedDataParallel(module) if ctx.enabled else module
+
+
+def _train_step(forward, model, optimizer, blocks: np.ndarray, order: np.ndarray, step: int, within: int,
+                masker: Masker, settings: PretrainSettings, lr: float, device, bf16: bool,
+                ctx: distributed.Context) -> tuple[float, float]:
+    """Optimiser step `step` (the `within`-th of its epoch) over grad_accumulation batches: (mean loss, lr).
+
+    Every rank masks the whole global batch the same way (one seeded generator) and trains on its own
+    rows of it; each rank's loss is scaled so that DDP's average of the gradients is the gradient of
+    the mean loss over all masked tokens of the global batch, as in one process.
+    """
     B, A = settings.batch_size, settings.grad_accumulation
     step_seed = settings.seed * 1_000_003 + step
     for group in optimizer.param_groups:
         group["lr"] = lr
-    generator = torch.Generator().manual_seed(step_seed)  # masks: the same after a resume
-    torch.manual_seed(step_seed)  # dropout: the same after a resume
-    total = 0.0
+    generator = torch.Generator().manual_seed(step_seed)  # masks: the same after a resume, on every rank
+    torch.manual_seed(step_seed + 7919 * ctx.rank)  # dropout: the same after a resume
+    total = torch.zeros(())
     for a in range(A):
         start = (within * A + a) * B
         ids = torch.from_numpy(blocks[order[np.arange(start, start + B) % len(order)]])  # (B, T)
         inputs, labels = masker(ids, generator)  # (B, T), (B, T) with -100 where nothing is predicted
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            logits, targets = mlm_logits(model, inputs.to(device), labels.to(device))  # (M, V), (M,)
-        loss = torch.nn.functional.cross_entropy(logits.float(), targets)
-        (loss / A).backward()
-        total += loss.item() / A
+        masked = max(int((labels != -100).sum()), 1)  # over the global batch
+        inputs, labels = inputs[ctx.rank::ctx.world_size], labels[ctx.rank::ctx.world_size]  # this rank's rows
+        sync = a == A - 1 or not ctx.enabled  # DDP all-reduces on the last micro-batch only
+        with forward.no_sync() if not sync else contextlib.nullcontext():
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                logits, targets = forward(inputs.to(device), labels.to(device))  # (M, V), (M,)
+            loss_sum = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
+            (loss_sum * ctx.world_size / (masked * A)).backward()
+        total += loss_sum.detach().cpu() / (masked * A)
+    if ctx.enabled:
+        torch.distributed.all_reduce(total)  # the global mean, the same number on every rank
     torch.nn.utils.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return total, lr
+    return float(total), lr
 
 
 @torch.inference_mode()
@@ -360,6 +403,8 @@ def pretrain(corpus, out: str | os.PathLike, *, settings: PretrainSettings | Non
     result = run(model, train_blocks, valid_blocks, masker, settings, checkpoints=checkpoints, resume=resume,
                  learning_rate=settings.peak_lr(base is not None), on_step=on_step,
                  head_steps=settings.new_head_steps if note == NEW_HEAD else 0)
+    if not distributed.context().is_main:
+        return result  # rank 0 writes the folder
     save_encoder(model, tok, out, result=result, settings=settings, corpus=corpus, base=base,
                  tokenizer_source=tokenizer, head_note=note, command=command, kept=kept,
                  blocks={"train": len(train_blocks), "valid": min(len(valid_blocks), settings.valid_blocks)})
