@@ -136,3 +136,17 @@ def test_word_embeddings_stay_fixed_by_default_and_the_rest_trains(tiny_encoder)
                            before["encoder.layer.0.attention.self.query.weight"])
     assert all(p.requires_grad for p in model.parameters())
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_the_new_head_gets_its_own_learning_rate(tiny_encoder):
+    from potluck.encoders import load_for_classification
+    from potluck.finetune import FinetuneSettings, make_optimizer
+
+    model = load_for_classification(tiny_encoder, ["a", "b"])
+    optimizer = make_optimizer(model, FinetuneSettings(learning_rate=1e-4, head_learning_rate=1e-2))
+    head = {id(p) for p in model.classifier.parameters()}
+    for group in optimizer.param_groups:
+        in_head = {id(p) in head for p in group["params"]}
+        assert len(in_head) == 1 and group["lr"] == (1e-2 if in_head.pop() else 1e-4)
+    same = make_optimizer(model, FinetuneSettings(learning_rate=1e-4, head_learning_rate=0))
+    assert {g["lr"] for g in same.param_groups} == {1e-4}

@@ -38,7 +38,9 @@ class FinetuneSettings:
 
     epochs: int = field(default=4, metadata={"help": "passes over the training data (early stopping may end sooner)"})
     batch_size: int = field(default=16, metadata={"help": "examples per optimiser step"})
-    learning_rate: float = field(default=5e-5, metadata={"help": "peak learning rate of AdamW"})
+    learning_rate: float = field(default=2e-4, metadata={
+        "help": "peak learning rate of AdamW for the encoder (the default suits small encoders such as MiniLM; "
+                "use 2e-5 to 5e-5 for base-size ones)"})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (not on biases and LayerNorm)"})
     warmup_ratio: float = field(default=0.1, metadata={"help": "fraction of steps for linear warm-up"})
     max_length: int = field(default=128, metadata={"help": "tokens per text; longer texts are truncated"})
@@ -50,6 +52,9 @@ class FinetuneSettings:
     seed: int = field(default=0, metadata={"help": "one seed for the head, the split, the order and dropout"})
     device: str = field(default="cpu", metadata={"help": "'cpu', 'cuda', or 'auto'"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping"})
+    head_learning_rate: float = field(default=2e-3, metadata={
+        "help": "peak learning rate of the new classification head, which starts from nothing (0: the same as "
+                "--learning-rate)"})
     train_word_embeddings: bool = field(default=False, metadata={
         "help": "also update the word-embedding matrix (kept fixed by default: on MiniLM it is half the weights "
                 "and most of the optimiser's work, see benchmarks/finetune.py)"})
@@ -59,6 +64,7 @@ class FinetuneSettings:
             (self.epochs >= 1, "epochs must be at least 1"),
             (self.batch_size >= 1, "batch_size must be at least 1"),
             (self.learning_rate > 0, "learning_rate must be positive"),
+            (self.head_learning_rate >= 0, "head_learning_rate must not be negative (0: the same as learning_rate)"),
             (0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)"),
             (8 <= self.max_length <= 8192, "max_length must be between 8 and 8192"),
             (0 < self.valid_fraction < 0.5, "valid_fraction must be in (0, 0.5)"),
@@ -90,14 +96,29 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def make_optimizer(model: torch.nn.Module, settings: FinetuneSettings) -> torch.optim.Optimizer:
-    decay, no_decay = [], []
+def make_optimizer(model: torch.nn.Module, settings) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on biases and LayerNorm weights; the head (if `settings` gives it a
+    learning rate of its own) in groups of its own."""
+    head_lr = getattr(settings, "head_learning_rate", 0.0) or settings.learning_rate
+    head = {id(p) for p in _head(model).parameters()} if head_lr != settings.learning_rate else set()
+    groups = {}
     for param in model.parameters():
         if param.requires_grad:
-            (no_decay if param.ndim < 2 else decay).append(param)  # biases and LayerNorm weights
-    groups = [{"params": decay, "weight_decay": settings.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=settings.learning_rate, fused=True)
+            key = (id(param) in head, param.ndim < 2)  # (in the head, a bias or LayerNorm weight)
+            groups.setdefault(key, []).append(param)
+    return torch.optim.AdamW(
+        [{"params": params, "weight_decay": 0.0 if no_decay else settings.weight_decay,
+          "lr": head_lr if in_head else settings.learning_rate}
+         for (in_head, no_decay), params in sorted(groups.items())],
+        lr=settings.learning_rate, fused=True)
+
+
+def _head(model: torch.nn.Module) -> torch.nn.Module:
+    """The task head of a transformers sequence-classification model (`classifier`, or `score`)."""
+    for name in ("classifier", "score"):
+        if isinstance(getattr(model, name, None), torch.nn.Module):
+            return getattr(model, name)
+    return torch.nn.Identity()
 
 
 def freeze_word_embeddings(model: torch.nn.Module) -> list[torch.nn.Parameter]:
