@@ -48,8 +48,9 @@ logger = logging.getLogger("transfer")
 
 ENCODERS = {"a": "random", "b": "scratch", "c": "minilm", "d": "adapted"}
 # one fine-tuning recipe per encoder family, the same for the pair it compares: (a) vs (b), (c) vs (d)
-SMALL = {"learning_rate": 2e-4, "epochs": {100: 20, 500: 8, 2000: 4}}
-MINILM = {"learning_rate": 1e-4, "epochs": {100: 10, 500: 5, 2000: 2}}
+# The small pair trains its word embeddings too: (a)'s are random and must learn, and (b) gets the same.
+SMALL = {"learning_rate": 2e-4, "epochs": {100: 20, 500: 8, 2000: 4}, "train_word_embeddings": True}
+MINILM = {"learning_rate": 1e-4, "epochs": {100: 10, 500: 5, 2000: 2}, "train_word_embeddings": False}
 RECIPE = {"a": SMALL, "b": SMALL, "c": MINILM, "d": MINILM}
 MAX_LENGTH = 64
 
@@ -230,7 +231,8 @@ def finetune_cell(base: Path | str, key: str, dataset: str, size: int, seed: int
     recipe = RECIPE[key]
     epochs = recipe["epochs"].get(size, min(recipe["epochs"].values()))
     clf = TextClassifier(str(base), epochs=epochs, patience=epochs, calibrate=False, max_length=MAX_LENGTH,
-                         learning_rate=recipe["learning_rate"], batch_size=16, seed=seed)
+                         learning_rate=recipe["learning_rate"], batch_size=16, seed=seed,
+                         train_word_embeddings=recipe["train_word_embeddings"])
     start = time.perf_counter()
     clf.fit(texts, labels)
     predicted = clf.predict(test[0])
