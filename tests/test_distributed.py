@@ -1,5 +1,6 @@
 """Fine-tuning on two processes (torchrun, gloo on CPU) against one process with the same effective batch."""
 
+import json
 import os
 import signal
 import subprocess
@@ -128,3 +129,24 @@ def test_two_process_pretraining_matches_one_with_the_same_effective_batch(setup
     assert w1.keys() == w2.keys()
     for name in w1:  # same masks, same rows, same averaged gradients: only summation order differs
         np.testing.assert_allclose(w1[name].numpy(), w2[name].numpy(), atol=1e-4, err_msg=name)
+
+
+def test_two_process_pretraining_resumes_after_a_kill(setup, tmp_path):
+    folder, encoder = setup
+    out = tmp_path / "enc"
+    args = pretrain_args(folder, encoder, out, "--nproc", "2", "--max-steps", "400", "--checkpoint-every", "3")
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    checkpoints = Path(str(out) + ".checkpoints")
+    deadline = time.time() + 150
+    while time.time() < deadline and not [p for p in checkpoints.glob("step-*") if not p.name.endswith(".tmp")]:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = [p for p in checkpoints.glob("step-*") if not p.name.endswith(".tmp")]
+    assert done, "no checkpoint before the kill"
+    target = int(max(done).name.split("-")[1]) + 6  # six more steps than the last checkpoint holds
+    resumed = subprocess.run([*POTLUCK, "-v", *args[len(POTLUCK):-4], "--max-steps", str(target), "--resume"],
+                             capture_output=True, text=True, timeout=240)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stderr and (out / "model.safetensors").exists()
+    assert json.loads((out / "potluck.json").read_text())["training"]["steps"] == target, resumed.stderr[-3000:]

@@ -59,10 +59,28 @@ def init(ctx: Context, device: torch.device) -> None:
     """Join the process group once (gloo on CPU, NCCL on CUDA); a no-op in a single process."""
     if not ctx.enabled or dist.is_initialized():
         return
+    _die_with_parent()
     if device.type == "cuda":
         torch.cuda.set_device(ctx.local_rank)
     dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     logger.info("rank %d of %d joined (%s)", ctx.rank, ctx.world_size, dist.get_backend())
+
+
+def _die_with_parent() -> None:
+    """Linux: end this rank when torchrun's agent (its parent) dies, e.g. killed with -9. Otherwise the
+    ranks run on as orphans, writing checkpoints, until a write to the dead parent's pipe ends them."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        logger.debug("prctl(PR_SET_PDEATHSIG) is not available")
+        return
+    if os.getppid() == 1:  # the parent died before the call: stop now
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def device_for(ctx: Context, device: torch.device) -> torch.device:
