@@ -449,10 +449,10 @@ def pretrain_command(
     docs = read_corpus(corpus, text_column=text_column, per_file=per_file)
     checkpoint_dir = checkpoint_dir or out_dir.with_name(out_dir.name + ".checkpoints")
     what = f"continuing [bold]{base}[/]" if base else f"a new [bold]{s.size}[/] encoder"
-    procs = f" on {ctx.world_size} processes (effective batch {s.batch_size * s.grad_accumulation} blocks)"
+    procs = (f" on {ctx.world_size} processes (effective batch {s.batch_size * s.grad_accumulation} blocks)"
+             if ctx.enabled else "")
     if ctx.is_main:
-        console.print(f"pre-training {what} on {len(docs)} documents ({docs.n_characters()} characters)"
-                      f"{procs if ctx.enabled else ''}")
+        console.print(f"pre-training {what} on {len(docs)} documents ({docs.n_characters()} characters){procs}")
     with PretrainProgress() as progress:
         result = pretrain(docs, out_dir, settings=s, tokenizer=tokenizer, base=base, checkpoint_dir=checkpoint_dir,
                           resume=resume, on_step=progress.update, command=shlex.join(["potluck", *sys.argv[1:]]))

@@ -88,8 +88,9 @@ def device_for(ctx: Context, device: torch.device) -> torch.device:
     return torch.device("cuda", ctx.local_rank) if device.type == "cuda" else device
 
 
-def shard(batch: list[int], ctx: Context) -> list[int]:
-    """This rank's share of a global batch (every rank computes the same global batches)."""
+def shard(batch, ctx: Context):
+    """This rank's share of a global batch, a list or a tensor of rows (every rank computes the same
+    global batches)."""
     return batch[ctx.rank::ctx.world_size]
 
 

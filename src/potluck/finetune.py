@@ -309,9 +309,7 @@ class Checkpoints:
         if saved["fingerprint"] != self.identity["fingerprint"]:
             raise UserError(f"the checkpoint in {self.folder} was made with other data",
                             hint="use the same data to resume, or drop --resume to start afresh")
-        if saved["settings"] != self.identity["settings"]:
-            changed = sorted(k for k, v in self.identity["settings"].items() if saved["settings"].get(k) != v)
-            raise UserError(f"the checkpoint in {self.folder} was made with other settings ({', '.join(changed)})",
+        check_same_settings(saved["settings"], self.identity["settings"], self.folder,
                             hint="resume with the same options, or drop --resume to start afresh")
         model.load_state_dict(load_file(latest / "model.safetensors"))
         _optimizer_from_tensors(optimizer, load_file(latest / "optimizer.safetensors"), saved["optimizer"])
@@ -324,6 +322,13 @@ class Checkpoints:
     def load_best(self, device) -> dict:
         latest = self.latest()
         return {k: v.to(device) for k, v in load_file(latest / "best.safetensors").items()}
+
+
+def check_same_settings(saved: dict, current: dict, folder, *, hint: str) -> None:
+    """A checkpoint resumes only under the settings it was made with; name the ones that differ."""
+    if saved != current:
+        changed = sorted(k for k, v in current.items() if saved.get(k) != v)
+        raise UserError(f"the checkpoint in {folder} was made with other settings ({', '.join(changed)})", hint=hint)
 
 
 def _contiguous(state: dict) -> dict:

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 
 from potluck.errors import UserError
 from potluck.fileio import atomic_folder, atomic_write_json
-from potluck.finetune import _optimizer_from_tensors, _optimizer_to_tensors
+from potluck.finetune import _optimizer_from_tensors, _optimizer_to_tensors, check_same_settings
 
 logger = logging.getLogger(__name__)
 
@@ -131,9 +131,7 @@ class PretrainCheckpoints:
             if saved.get(key) != self.identity[key]:
                 raise UserError(f"the checkpoint in {self.folder} was made with {what}",
                                 hint="resume with the same inputs, or drop --resume to start afresh")
-        if saved["settings"] != self.identity["settings"]:
-            changed = sorted(k for k, v in self.identity["settings"].items() if saved["settings"].get(k) != v)
-            raise UserError(f"the checkpoint in {self.folder} was made with other settings ({', '.join(changed)})",
+        check_same_settings(saved["settings"], self.identity["settings"], self.folder,
                             hint="resume with the same options (only the budgets may change), or drop --resume")
         missing, unexpected = load_model(model, str(latest / "model.safetensors"), strict=False)
         if missing or unexpected:

@@ -222,7 +222,7 @@ def run(model, train_blocks: np.ndarray, valid_blocks: np.ndarray, masker: Maske
     began, train_seconds, run_steps, stopped_by = time.perf_counter(), 0.0, 0, "epochs"
     elapsed = lambda: state["seconds"] + time.perf_counter() - began  # noqa: E731
     orders: dict[int, np.ndarray] = {}
-    wrapped: dict[bool, torch.nn.Module] = {}
+    forward, wrapped_for = None, None  # the (DDP-)wrapped model and the phase it was built in
     model.train()
     while state["step"] < plan["total"]:
         if settings.max_time and distributed.agree(ctx, elapsed() >= settings.max_time):  # rank 0's clock
@@ -233,11 +233,11 @@ def run(model, train_blocks: np.ndarray, valid_blocks: np.ndarray, masker: Maske
         epoch, within = divmod(step, steps_per_epoch)
         encoder_trains = step >= head_steps
         model.bert.requires_grad_(encoder_trains)  # (B, T) blocks flow through a frozen encoder at first
-        if encoder_trains not in wrapped:  # DDP registers the trainable parameters when it is built
-            wrapped = {encoder_trains: _wrap(model, ctx)}
+        if forward is None or wrapped_for != encoder_trains:  # DDP registers trainable parameters when built
+            forward, wrapped_for = _wrap(model, ctx), encoder_trains
         if epoch not in orders:
             orders = {epoch: np.random.default_rng([settings.seed, epoch]).permutation(len(train_blocks))}
-        loss, lr = _train_step(wrapped[encoder_trains], model, optimizer, train_blocks, orders[epoch], step,
+        loss, lr = _train_step(forward, model, optimizer, train_blocks, orders[epoch], step,
                                within, masker, settings, learning_rate * _lr_factor(step, plan), device, bf16, ctx)
         if not math.isfinite(loss):
             raise UserError(f"the training loss became {loss} at step {step + 1}: training diverged",
@@ -325,7 +325,7 @@ def _train_step(forward, model, optimizer, blocks: np.ndarray, order: np.ndarray
         ids = torch.from_numpy(blocks[order[np.arange(start, start + B) % len(order)]])  # (B, T)
         inputs, labels = masker(ids, generator)  # (B, T), (B, T) with -100 where nothing is predicted
         masked = max(int((labels != -100).sum()), 1)  # over the global batch
-        inputs, labels = inputs[ctx.rank::ctx.world_size], labels[ctx.rank::ctx.world_size]  # this rank's rows
+        inputs, labels = distributed.shard(inputs, ctx), distributed.shard(labels, ctx)  # this rank's rows
         sync = a == A - 1 or not ctx.enabled  # DDP all-reduces on the last micro-batch only
         with forward.no_sync() if not sync else contextlib.nullcontext():
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
