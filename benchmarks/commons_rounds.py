@@ -52,7 +52,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--poison-methods", default="mean,median")
     p.add_argument("--poison-scale", type=float, default=100.0)
     p.add_argument("--max-length", type=int, default=64)
-    p.add_argument("--learning-rate", type=float, default=5e-5)
+    p.add_argument("--learning-rate", type=float, default=None,
+                   help="fine-tuning learning rate for everyone (default: Potluck's own, as a user gets it)")
     p.add_argument("--base", default="minilm", help="the commons' v0 and the anchor (a folder for smoke runs)")
     p.add_argument("--work", type=Path, default=Path("/tmp/potluck-commons-rounds"))
     p.add_argument("--name", default="commons_rounds")
@@ -104,13 +105,27 @@ class Bench:
         return self.clients[name].push(folder, name.replace("_", "-"))
 
 
+def lr(args) -> dict:
+    """--learning-rate for body and head alike, or nothing: Potluck's defaults (body and new head apart)."""
+    return {} if args.learning_rate is None else {"learning_rate": args.learning_rate, "head_learning_rate": 0}
+
+
+def learning_rates(args) -> dict:
+    if args.learning_rate is not None:
+        return {"learning_rate": args.learning_rate, "head_learning_rate": "the same"}
+    from potluck.finetune import FinetuneSettings
+
+    s = FinetuneSettings()
+    return {"learning_rate": s.learning_rate, "head_learning_rate": s.head_learning_rate, "source": "Potluck defaults"}
+
+
 def finetune_contributor(base: Path, name: str, out: Path, args, seed: int) -> dict:
     from potluck.classifier import TextClassifier
 
     texts, labels = stratified_sample(*load_split(name, "train"), args.train_size, seed)
     start = time.perf_counter()
     clf = TextClassifier(str(base), epochs=args.epochs, patience=args.epochs, max_length=args.max_length,
-                         learning_rate=args.learning_rate, batch_size=16, seed=seed)
+                         batch_size=16, seed=seed, **lr(args))
     clf.fit(texts, labels).save(out)
     return {"seconds": round(time.perf_counter() - start, 1), "n": len(texts)}
 
@@ -132,7 +147,7 @@ def new_task_finetune(base: Path, args, new_data: dict, seeds: int) -> dict:
         for seed in range(seeds):
             texts, labels = stratified_sample(*train, args.new_labels, seed)
             clf = TextClassifier(str(base), epochs=args.ft_epochs, patience=args.ft_epochs, calibrate=False,
-                                 max_length=args.max_length, learning_rate=args.learning_rate, batch_size=16, seed=seed)
+                                 max_length=args.max_length, batch_size=16, seed=seed, **lr(args))
             clf.fit(texts, labels)
             runs.append(float(f1_score(test[1], clf.predict(test[0]), average="macro")))
         out[task] = {"macro_f1": round(sum(runs) / len(runs), 4), "seeds": [round(r, 4) for r in runs]}
@@ -208,7 +223,7 @@ def save(args, started: float, bases, finetuned, rounds, poison, *, partial: boo
             "scale": "full" if args.full else "quick" if args.quick else "scaled-down", "base": args.base,
             "contributors": args.contributor_list, "new_tasks": args.new_list, "rounds": args.rounds,
             "contributor_finetune": {"examples": args.train_size, "epochs": args.epochs, "max_length": args.max_length,
-                                     "learning_rate": args.learning_rate, "batch_size": 16},
+                                     **learning_rates(args), "batch_size": 16},
             "fusion_method": args.method, "gate": "frozen-encoder logistic regression (mean pooling, max_length 128), "
             f"macro-F1, margin 0.02; data: {args.eval_size} eval-only test examples per contributor, split in half",
             "new_task_eval": {"labels": args.new_labels, "test_examples": args.new_test, "frozen": "every promoted base",

@@ -12,10 +12,11 @@ Methods, each timed on all texts from raw strings to probabilities (tokenizing i
 that interleave the methods (the machine is shared: the best round is the least disturbed one; the
 median is reported too):
 - pipeline: `pipeline("text-classification", batch_size=32)` with truncation to 128, all scores (the anchor);
-- fp32: Predictor, length-sorted batches with dynamic padding (the reference for agreement);
-- bf16-autocast: the same batches under torch.autocast (the previous approach, for comparison);
-- bf16: Predictor with the weights cast to bf16 once, larger token-budget batches;
-- int8: Predictor with dynamic int8 Linear layers.
+- fp32: Predictor (potluck.fastbert: length-sorted, unpadded batches), the reference for agreement;
+- bf16-transformers: transformers' model with bf16 weights on the same length-sorted batches, padded
+  (Potluck's bf16 path before potluck.fastbert, for comparison);
+- bf16: Predictor with the weights cast to bf16 once, larger token-budget batches, on potluck.fastbert;
+- int8: Predictor with dynamic int8 Linear layers (on potluck.fastbert).
 Agreement is argmax agreement with fp32; max |dp| the largest probability difference to fp32.
 """
 
@@ -73,7 +74,7 @@ def methods(folder: Path) -> dict:
     from transformers import pipeline
 
     from potluck.calibration import softmax
-    from potluck.inference import Predictor, batched_logits
+    from potluck.inference import Predictor, fast_copy, run_batches
 
     pipe = pipeline("text-classification", model=str(folder), batch_size=32, device=-1)
     label_order = [pipe.model.config.id2label[i] for i in range(pipe.model.config.num_labels)]
@@ -84,14 +85,15 @@ def methods(folder: Path) -> dict:
 
     fp32 = Predictor.from_folder(folder, precision="fp32")
 
-    def run_autocast(texts):
-        ids = fp32.encode(texts)
-        return softmax(batched_logits(fp32.model, ids, pad_id=fp32.tokenizer.pad_token_id, bf16=True,
-                                      batch_size=64))
-
     bf16 = Predictor.from_folder(folder, precision="bf16")
+    hf_bf16 = fast_copy(fp32.model, "bf16")  # transformers' BertForSequenceClassification, bf16 weights
+
+    def run_transformers_bf16(texts):
+        return softmax(run_batches(hf_bf16, bf16.encode(texts), pad_id=bf16.pad_token_id, device=bf16.device,
+                                   batch_size=bf16.batch_size, max_tokens=bf16.max_tokens))
+
     int8 = Predictor.from_folder(folder, precision="int8")
-    return {"pipeline": run_pipeline, "fp32": fp32.predict_proba, "bf16-autocast": run_autocast,
+    return {"pipeline": run_pipeline, "fp32": fp32.predict_proba, "bf16-transformers": run_transformers_bf16,
             "bf16": bf16.predict_proba, "int8": int8.predict_proba,
             "_settings": {"fp32": _settings(fp32), "bf16": _settings(bf16), "int8": _settings(int8)}}
 
@@ -131,7 +133,7 @@ def main() -> None:
             started = time.perf_counter()
             probs[name] = np.asarray(fn(texts), dtype=np.float64)
             speeds[name].append(len(texts) / (time.perf_counter() - started))
-            print(f"round {r + 1}: {name:14s} {speeds[name][-1]:7.1f} texts/s", flush=True)
+            print(f"round {r + 1}: {name:18s} {speeds[name][-1]:7.1f} texts/s", flush=True)
 
     from potluck.inference import Predictor
 
@@ -162,9 +164,9 @@ def main() -> None:
         "threads": {"torch": torch.get_num_threads(), "interop": torch.get_num_interop_threads()},
         "load_average_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
         "results": results, "goal": goal})
-    print(f"\n{'method':14s} {'best/s':>8s} {'median/s':>9s} {'x pipe':>7s} {'agree':>8s} {'max|dp|':>8s}")
+    print(f"\n{'method':18s} {'best/s':>8s} {'median/s':>9s} {'x pipe':>7s} {'agree':>8s} {'max|dp|':>8s}")
     for name, r in results.items():
-        print(f"{name:14s} {r['texts_per_s_best']:8.1f} {r['texts_per_s_median']:9.1f} {r['x_pipeline_best']:7.2f} "
+        print(f"{name:18s} {r['texts_per_s_best']:8.1f} {r['texts_per_s_median']:9.1f} {r['x_pipeline_best']:7.2f} "
               f"{100 * r['agreement_with_fp32']:7.2f}% {r['max_abs_dp_vs_fp32']:8.4f}")
     print(f"goal {goal['target']}: {'met' if goal['met'] else 'not met'}; wrote {path}")
 

@@ -114,6 +114,16 @@ def start_server(model: Path, port: int, timeout: float = 120) -> subprocess.Pop
     raise SystemExit("the server did not become ready")
 
 
+def batch_counters(port: int, model: str) -> tuple[float, float]:
+    """(texts run, model runs) so far, from the server's Prometheus /metrics."""
+    values = {}
+    for line in httpx.get(f"http://127.0.0.1:{port}/metrics").text.splitlines():
+        for key in ("potluck_batch_texts_sum", "potluck_batch_texts_count"):
+            if line.startswith(f'{key}{{model="{model}"}}'):
+                values[key] = float(line.split()[-1])
+    return values.get("potluck_batch_texts_sum", 0.0), values.get("potluck_batch_texts_count", 0.0)
+
+
 def cold_start(model: Path, runs: int) -> dict:
     """Wall time of `potluck predict MODEL "text"` from launch to exit (the answer is printed at the end)."""
     potluck = str(Path(sys.executable).with_name("potluck"))
@@ -160,19 +170,20 @@ def main() -> None:
         latency = asyncio.run(load(args.port, path, short_bodies, 1, args.seconds))
         print(f"1 client, short texts: p50 {latency['p50_ms']} ms, p99 {latency['p99_ms']} ms", flush=True)
         levels = []
+        name = args.model.resolve().name
         for clients in LEVELS:
+            before = batch_counters(args.port, name)
             level = asyncio.run(load(args.port, path, bodies, clients, args.seconds))
+            after = batch_counters(args.port, name)
             level["share_of_offline"] = round(level["texts_per_s"] / offline, 3)
+            level["texts_per_model_run"] = round((after[0] - before[0]) / max(1.0, after[1] - before[1]), 1)
             levels.append(level)
             print(f"{clients:3d} clients: {level['texts_per_s']:7.1f} texts/s ({100 * level['share_of_offline']:.0f} % "
-                  f"of offline), p50 {level['p50_ms']} ms, p99 {level['p99_ms']} ms, errors {level['errors']}",
-                  flush=True)
-        metrics = httpx.get(f"http://127.0.0.1:{args.port}/metrics").text
+                  f"of offline), p50 {level['p50_ms']} ms, p99 {level['p99_ms']} ms, errors {level['errors']}, "
+                  f"{level['texts_per_model_run']} texts per model run", flush=True)
     finally:
         server.terminate()
         server.wait(60)
-    batches = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines()
-               if line.startswith(("potluck_batch_texts_sum", "potluck_batch_texts_count"))}
     cold = cold_start(args.model, args.cold_runs)
     print(f"cold start of potluck predict: {cold['wall_s_median']} s (import torch alone "
           f"{cold['import_torch_alone_s_median']} s)")
@@ -186,8 +197,6 @@ def main() -> None:
         "model": str(args.model), "precision": precision, "texts": len(texts), "seconds_per_level": args.seconds,
         "server": "potluck serve defaults (uvicorn, h11; max_wait_ms 3, max_batch_texts 64, max_batch_tokens 8192)",
         "offline_texts_per_s": round(offline, 1), "latency_1_client_short_texts": latency, "levels": levels,
-        "mean_texts_per_model_run": round(batches.get('potluck_batch_texts_sum{model="' + args.model.resolve().name + '"}', 0)
-                                          / max(1, batches.get('potluck_batch_texts_count{model="' + args.model.resolve().name + '"}', 1)), 1),
         "cold_start": cold, "goals": goals,
         "load_average_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)]})
     print(f"wrote {path_out}")

@@ -63,7 +63,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--encoders", nargs="+", default=list(ENCODERS), choices=list(ENCODERS))
     p.add_argument("--size", default="mini", help="size of (a) and (b)")
     p.add_argument("--vocab-size", type=int, default=8000)
-    p.add_argument("--scratch-minutes", type=float, default=15.0)
+    p.add_argument("--scratch-minutes", type=float, default=30.0)
     p.add_argument("--continued-minutes", type=float, default=10.0)
     p.add_argument("--test-cap", type=int, default=1000)
     p.add_argument("--speed-steps", type=int, default=20)

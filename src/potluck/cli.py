@@ -61,10 +61,16 @@ def setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=level, format="%(message)s",
                         handlers=[RichHandler(console=console, show_time=False, show_path=False)])
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import transformers
+    # transformers' load reports and progress bars are for developers, not users. Set through its
+    # environment variables when it is not imported yet: `potluck predict` may never import it.
+    if "transformers" in sys.modules:
+        import transformers
 
-    transformers.logging.set_verbosity_error()  # its load reports are for developers, not users
-    transformers.utils.logging.disable_progress_bar()
+        transformers.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+    else:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 @app.callback()

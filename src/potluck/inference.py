@@ -4,24 +4,29 @@
     predictor = Predictor.from_folder("models/urgency", precision="bf16")
     probs = predictor.predict_proba(["The site is down!"])     # (N, C), columns follow id2label
 
-Texts are tokenized in one call of the fast tokenizer, sorted by length into batches with dynamic
-padding (at most `batch_size` texts and `max_tokens` padded tokens each), run under
-`torch.inference_mode`, and put back in the caller's order. Precisions:
+Texts are tokenized in one call of the fast tokenizer, sorted by length into batches (at most
+`batch_size` texts and `max_tokens` padded tokens each), run under `torch.inference_mode`, and put
+back in the caller's order. A BERT classifier (MiniLM and every encoder `potluck pretrain` makes) runs
+on `potluck.fastbert`: unpadded, and loaded from a folder with torch, safetensors and tokenizers only,
+so `potluck predict` does not spend seconds importing transformers. Other models run on transformers
+with dynamic padding. Precisions:
 
-- `fp32`: the reference.
+- `fp32`: the reference (fastbert's fp32 equals transformers' to 2e-5 in the tests).
 - `bf16`: a copy of the model with bf16 weights, run where the CPU does bf16 matmul natively (AMX or
   AVX512-BF16). Casting the weights once, instead of on every call as autocast does, is what makes it
   fast; the drift against fp32 is measured in benchmarks/inference.py (agreement and max |dp|).
 - `int8`: a copy with dynamic int8 Linear layers (`torch.ao.quantization.quantize_dynamic`).
 - `auto`: bf16 where the hardware has it, else fp32.
 
-The copies snapshot the weights when the Predictor is built; `self.model` stays the model you gave.
+The copies snapshot the weights when the Predictor is built; `self.model` stays the fp32 transformers
+model you gave (for a folder: loaded on first use, e.g. to save it again).
 """
 
 from __future__ import annotations
 
 import copy
 import functools
+import json
 import logging
 import os
 from collections.abc import Sequence
@@ -33,6 +38,7 @@ import torch
 from potluck.batching import inference_batches, pad, tokenize
 from potluck.calibration import softmax
 from potluck.errors import UserError
+from potluck.fastbert import FastBert, FastTokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -86,62 +92,106 @@ def batched_logits(model, ids: Sequence[Sequence[int]], *, pad_id: int, bf16: bo
 
 
 class Predictor:
-    """A loaded sequence-classification model and its tokenizer, ready for fast batched prediction.
+    """A sequence-classification model and its tokenizer, ready for fast batched prediction.
 
-    `model` is kept as given (`self.model`, e.g. for saving); bf16 and int8 run on a converted copy.
+    Built from a transformers model and tokenizer (`Predictor(model, tokenizer)`), or from a folder
+    (`Predictor.from_folder`). A BERT classifier runs on `potluck.fastbert` (unpadded batches, and
+    from a folder without importing transformers at all); any other model runs on transformers.
+    `model` stays the fp32 transformers model you gave (loaded on first use for a folder), e.g. for
+    saving; fp32 runs on `reference`, bf16 and int8 on a converted copy of it (`runner`).
     """
 
-    def __init__(self, model, tokenizer, *, max_length: int = 128, precision: str = "auto",
-                 batch_size: int | None = None, device: str = "cpu", max_tokens: int | None = None):
+    def __init__(self, model=None, tokenizer=None, *, max_length: int = 128, precision: str = "auto",
+                 batch_size: int | None = None, device: str = "cpu", max_tokens: int | None = None,
+                 folder: str | os.PathLike | None = None, fast: tuple | None = None):
         if precision not in PRECISIONS:
             raise UserError(f"unknown precision '{precision}'", hint=f"use one of {', '.join(PRECISIONS)}")
         self.device = torch.device(device)
-        self.tokenizer = tokenizer
         self.max_length = max_length
         self.precision = precision
         self.bf16 = use_bf16(precision, self.device)
         self.precision_used = "int8" if precision == "int8" else "bf16" if self.bf16 else "fp32"
         self.batch_size = batch_size or (128 if self.precision_used == "bf16" else 64)
         self.max_tokens = max_tokens or MAX_TOKENS[self.precision_used]
-        model.eval()
-        self.model = model.to(self.device)
-        self.runner = fast_copy(self.model, self.precision_used)
-        self.labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
+        self.folder = Path(folder) if folder is not None else None
+        self._model, self._tokenizer = model, tokenizer
+        if fast is not None:  # from_folder's transformers-free path: (FastBert, FastTokenizer, labels)
+            self.reference, self.encoder, self.labels = fast
+        else:
+            model.eval()
+            self._model = model.to(self.device)
+            self.reference = FastBert.from_model(model) or model
+            self.encoder = None
+            self.labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
+        self.reference = self.reference.to(self.device).eval()
+        self.runner = fast_copy(self.reference, self.precision_used)
 
     @classmethod
     def from_folder(cls, path: str | os.PathLike, **kwargs) -> Predictor:
         """Load a Hugging Face model folder (safetensors only); max_length from its potluck.json."""
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
         path = Path(path)
         if not (path / "config.json").is_file():
             if not path.exists():
                 raise UserError(f"no such model folder: {path}", hint="pass the --out folder of `potluck finetune`")
             raise UserError(f"{path} is not a model folder (no config.json)",
                             hint="pass the --out folder of `potluck finetune`")
-        model = AutoModelForSequenceClassification.from_pretrained(path, use_safetensors=True)
-        tokenizer = AutoTokenizer.from_pretrained(path)
         if kwargs.get("max_length") is None:
             kwargs["max_length"] = _max_length(path)
-        return cls(model, tokenizer, **kwargs)
+        config = json.loads((path / "config.json").read_text())
+        runner = FastBert.from_folder(path)
+        encoder = FastTokenizer.from_folder(path, kwargs["max_length"]) if runner is not None else None
+        if runner is not None and encoder is not None:
+            labels = [config["id2label"][str(i)] for i in range(len(config["id2label"]))]
+            return cls(folder=path, fast=(runner, encoder, labels), **kwargs)
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        model = AutoModelForSequenceClassification.from_pretrained(path, use_safetensors=True)
+        return cls(model, AutoTokenizer.from_pretrained(path), folder=path, **kwargs)
+
+    @property
+    def model(self):
+        """The fp32 transformers model (loaded from the folder on first use)."""
+        if self._model is None:
+            from transformers import AutoModelForSequenceClassification
+
+            self._model = AutoModelForSequenceClassification.from_pretrained(self.folder, use_safetensors=True)
+            self._model.eval()
+        return self._model
+
+    @property
+    def tokenizer(self):
+        """The transformers tokenizer (loaded from the folder on first use)."""
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self.folder)
+        return self._tokenizer
+
+    @property
+    def pad_token_id(self) -> int:
+        return self.encoder.pad_token_id if self.encoder is not None else self.tokenizer.pad_token_id
 
     def encode(self, texts: Sequence[str], truncate: bool = True) -> list[list[int]]:
         """Token ids per text. With truncate=False a text longer than max_length is a UserError."""
-        if truncate:
+        if self.encoder is not None:
+            ids = self.encoder.encode(texts, truncate)
+        elif truncate:
             return tokenize(self.tokenizer, texts, self.max_length)
-        ids = self.tokenizer(list(texts), truncation=False, padding=False, return_attention_mask=False,
-                             return_token_type_ids=False, verbose=False)["input_ids"]
-        for i, row in enumerate(ids):
-            if len(row) > self.max_length:
-                raise UserError(f"text {i} has {len(row)} tokens, more than this model's max_length of "
-                                f"{self.max_length}", hint="shorten it, or send truncate: true to cut it")
+        else:
+            ids = self.tokenizer(list(texts), truncation=False, padding=False, return_attention_mask=False,
+                                 return_token_type_ids=False, verbose=False)["input_ids"]
+        if not truncate:
+            for i, row in enumerate(ids):
+                if len(row) > self.max_length:
+                    raise UserError(f"text {i} has {len(row)} tokens, more than this model's max_length of "
+                                    f"{self.max_length}", hint="shorten it, or send truncate: true to cut it")
         return ids
 
     def logits_from_ids(self, ids: Sequence[Sequence[int]]) -> np.ndarray:
         """Logits (N, C) for token ids, in their order (the server tokenizes, then batches requests)."""
         if len(ids) == 0:
             return np.zeros((0, len(self.labels)), dtype=np.float32)
-        return run_batches(self.runner, ids, pad_id=self.tokenizer.pad_token_id, device=self.device,
+        return run_batches(self.runner, ids, pad_id=self.pad_token_id, device=self.device,
                            batch_size=self.batch_size, max_tokens=self.max_tokens)
 
     def logits(self, texts: Sequence[str]) -> np.ndarray:
@@ -154,15 +204,14 @@ class Predictor:
             return np.zeros((0, len(self.labels)), dtype=np.float32)
         return softmax(self.logits(texts)).astype(np.float32)
 
-
     def agreement_with_fp32(self, texts: Sequence[str], probs: np.ndarray, *, sample: int = 200,
                             seed: int = 0) -> dict:
-        """Re-score a random sample of `texts` with the fp32 model; how far `probs` (from this
+        """Re-score a random sample of `texts` in fp32 (`reference`); how far `probs` (from this
         predictor, rows following `texts`) are from it: argmax agreement and max |dp|."""
         rng = np.random.default_rng(seed)
         pick = np.sort(rng.choice(len(texts), size=min(sample, len(texts)), replace=False))
         ids = self.encode([texts[i] for i in pick])
-        ref = softmax(run_batches(self.model, ids, pad_id=self.tokenizer.pad_token_id, device=self.device,
+        ref = softmax(run_batches(self.reference, ids, pad_id=self.pad_token_id, device=self.device,
                                   batch_size=64, max_tokens=MAX_TOKENS["fp32"]))
         got = probs[pick]
         return {"sample": len(pick), "agreement": float(np.mean(got.argmax(1) == ref.argmax(1))),
@@ -172,10 +221,16 @@ class Predictor:
 @torch.inference_mode()
 def run_batches(model, ids: Sequence[Sequence[int]], *, pad_id: int, device: torch.device,
                 batch_size: int, max_tokens: int | None) -> np.ndarray:
-    """Logits (N, C) float32 of an eval-mode model, batched by length, in the original order."""
-    out = np.zeros((len(ids), model.config.num_labels), dtype=np.float32)
+    """Logits (N, C) float32 of an eval-mode model, batched by length, in the original order.
+    A FastBert runs each batch unpadded; a transformers model gets it padded."""
+    fast = isinstance(model, FastBert)
+    out = np.zeros((len(ids), model.num_labels if fast else model.config.num_labels), dtype=np.float32)
     for batch in inference_batches([len(row) for row in ids], batch_size, max_tokens):
-        input_ids, mask = pad([ids[i] for i in batch], pad_id)  # (B, T)
+        rows = [ids[i] for i in batch]
+        if fast:
+            out[batch] = model.classify(rows).cpu().numpy()
+            continue
+        input_ids, mask = pad(rows, pad_id)  # (B, T)
         logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits  # (B, C)
         out[batch] = logits.float().cpu().numpy()
     return out
@@ -204,7 +259,5 @@ def quantize_int8(model):
 def _max_length(folder: Path) -> int:
     meta = folder / "potluck.json"
     if meta.is_file():
-        import json
-
         return int(json.loads(meta.read_text()).get("settings", {}).get("max_length", 128))
     return 128

@@ -1,0 +1,202 @@
+"""An inference-only BERT sequence classifier in plain torch, and a tokenizer without transformers.
+
+    runner = FastBert.from_folder("models/urgency")          # None where the folder is not a BERT classifier
+    tokenizer = FastTokenizer.from_folder("models/urgency", max_length=128)
+    logits = runner.classify(tokenizer.encode(["The site is down!"]))   # (N, C) float32
+
+Why write the forward pass again (as nanoGPT does for GPT-2, and text-embeddings-inference for BERT)?
+
+- Padding: a batch of texts of different lengths is run *unpadded*. The linear layers and the
+  feed-forward (~95 % of the work at 128 tokens) run on the packed tokens only; attention scatters
+  them into a padded (B, heads, T, d) view for `scaled_dot_product_attention` and gathers them back.
+  A server batch gathered from concurrent requests has random lengths; it pays for no padding here.
+- One query/key/value matmul instead of three, and no per-call mask building.
+- Start-up: `potluck predict` needs torch, safetensors and tokenizers only; importing transformers'
+  BERT and auto classes costs seconds before the first answer.
+
+It loads the same safetensors weights transformers' BertForSequenceClassification saves and computes
+the same function (tests compare both to 1e-5 in fp32). Anything it does not know (another model type,
+another activation, relative positions) makes `supports` say no, and the caller runs transformers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+               "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
+
+
+def supports(config: dict) -> bool:
+    """Whether `config` (a config.json dict) is a BERT sequence classifier this module computes exactly."""
+    return (config.get("model_type") == "bert"
+            and "BertForSequenceClassification" in (config.get("architectures") or [])
+            and config.get("hidden_act") in ACTIVATIONS
+            and config.get("position_embedding_type", "absolute") == "absolute"
+            and not config.get("is_decoder", False) and not config.get("add_cross_attention", False)
+            and config.get("problem_type") in (None, "single_label_classification")
+            and config["hidden_size"] % config["num_attention_heads"] == 0)
+
+
+class _Layer(nn.Module):
+    def __init__(self, hidden: int, heads: int, intermediate: int, eps: float, act):
+        super().__init__()
+        self.heads, self.act = heads, act
+        self.qkv = nn.Linear(hidden, 3 * hidden)
+        self.attn_out = nn.Linear(hidden, hidden)
+        self.attn_norm = nn.LayerNorm(hidden, eps=eps)
+        self.ff_in = nn.Linear(hidden, intermediate)
+        self.ff_out = nn.Linear(intermediate, hidden)
+        self.ff_norm = nn.LayerNorm(hidden, eps=eps)
+
+    def forward(self, x: torch.Tensor, where: torch.Tensor, keep: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+        """x: (N, H) packed tokens; where: (N,) their flat positions in a (B, T) grid; keep: (B, 1, 1, T)."""
+        batch, length = shape
+        n, hidden = x.shape
+        d = hidden // self.heads
+        grid = x.new_zeros(batch * length, 3 * hidden)  # (B*T, 3H); padding rows stay zero
+        grid[where] = self.qkv(x)
+        q, k, v = grid.view(batch, length, 3, self.heads, d).permute(2, 0, 3, 1, 4)  # 3 x (B, heads, T, d)
+        context = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)  # (B, heads, T, d)
+        context = context.transpose(1, 2).reshape(batch * length, hidden)[where]  # (N, H)
+        x = self.attn_norm(x + self.attn_out(context))
+        return self.ff_norm(x + self.ff_out(self.act(self.ff_in(x))))
+
+
+class FastBert(nn.Module):
+    """BertForSequenceClassification's eval-mode forward on unpadded batches. Logits like transformers'."""
+
+    def __init__(self, config: dict):
+        super().__init__()
+        if not supports(config):
+            raise ValueError("not a BERT sequence classifier this runner supports")
+        hidden, eps = config["hidden_size"], config.get("layer_norm_eps", 1e-12)
+        self.num_labels = len(config["id2label"]) if "id2label" in config else config.get("num_labels", 2)
+        self.max_positions = config["max_position_embeddings"]
+        self.word = nn.Embedding(config["vocab_size"], hidden)
+        self.position = nn.Embedding(config["max_position_embeddings"], hidden)
+        self.token_type = nn.Embedding(config.get("type_vocab_size", 2), hidden)
+        self.embed_norm = nn.LayerNorm(hidden, eps=eps)
+        act = ACTIVATIONS[config["hidden_act"]]
+        self.layers = nn.ModuleList(_Layer(hidden, config["num_attention_heads"], config["intermediate_size"], eps, act)
+                                    for _ in range(config["num_hidden_layers"]))
+        self.pooler = nn.Linear(hidden, hidden)
+        self.classifier = nn.Linear(hidden, self.num_labels)
+        self.eval()
+
+    # -- loading ------------------------------------------------------------------------------
+
+    @classmethod
+    def from_folder(cls, folder: str | os.PathLike) -> FastBert | None:
+        """The runner for a model folder (config.json + model.safetensors), or None if unsupported."""
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        config = json.loads((folder / "config.json").read_text())
+        weights = folder / "model.safetensors"
+        if not supports(config) or not weights.is_file():
+            return None
+        return cls.from_state_dict(config, load_file(weights))
+
+    @classmethod
+    def from_model(cls, model) -> FastBert | None:
+        """The runner for a loaded transformers model (its weights copied), or None if unsupported."""
+        config = model.config.to_dict()
+        if type(model).__name__ != "BertForSequenceClassification" or not supports(
+                {**config, "architectures": ["BertForSequenceClassification"]}):
+            return None
+        config["architectures"] = ["BertForSequenceClassification"]
+        return cls.from_state_dict(config, {k: v.detach() for k, v in model.state_dict().items()})
+
+    @classmethod
+    def from_state_dict(cls, config: dict, tensors: dict[str, torch.Tensor]) -> FastBert:
+        """Map transformers' parameter names onto this module and copy them in (shapes checked)."""
+        runner = cls(config)
+        b = "bert."
+        mapping = {"word.weight": b + "embeddings.word_embeddings.weight",
+                   "position.weight": b + "embeddings.position_embeddings.weight",
+                   "token_type.weight": b + "embeddings.token_type_embeddings.weight",
+                   "embed_norm.weight": b + "embeddings.LayerNorm.weight",
+                   "embed_norm.bias": b + "embeddings.LayerNorm.bias",
+                   "pooler.weight": b + "pooler.dense.weight", "pooler.bias": b + "pooler.dense.bias",
+                   "classifier.weight": "classifier.weight", "classifier.bias": "classifier.bias"}
+        state = {ours: tensors[theirs] for ours, theirs in mapping.items()}
+        for i in range(len(runner.layers)):
+            p = f"{b}encoder.layer.{i}."
+            for part in ("weight", "bias"):
+                state[f"layers.{i}.qkv.{part}"] = torch.cat([tensors[f"{p}attention.self.{name}.{part}"]
+                                                             for name in ("query", "key", "value")])
+                for ours, theirs in (("attn_out", "attention.output.dense"), ("attn_norm", "attention.output.LayerNorm"),
+                                     ("ff_in", "intermediate.dense"), ("ff_out", "output.dense"),
+                                     ("ff_norm", "output.LayerNorm")):
+                    state[f"layers.{i}.{ours}.{part}"] = tensors[p + theirs + "." + part]
+        runner.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)  # shapes checked here
+        return runner
+
+    # -- running ------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def classify(self, rows: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Logits (N, C) float32 for token-id rows (each [CLS] ... [SEP]), in their order, in one pass."""
+        lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
+        if len(rows) == 0:
+            return torch.zeros(0, self.num_labels)
+        batch, longest = len(rows), int(lengths.max())
+        if longest > self.max_positions:
+            raise ValueError(f"a row has {longest} tokens, more than the model's {self.max_positions} positions")
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])  # (B,) where each row begins in the packing
+        positions = np.arange(int(lengths.sum())) - np.repeat(starts, lengths)  # (N,)
+        where = torch.from_numpy(np.repeat(np.arange(batch) * longest, lengths) + positions)  # (N,)
+        ids = torch.from_numpy(np.fromiter((t for r in rows for t in r), dtype=np.int64, count=int(lengths.sum())))
+        keep = (torch.arange(longest) < torch.from_numpy(lengths)[:, None]).view(batch, 1, 1, longest)  # (B,1,1,T)
+        device = self.word.weight.device
+        ids, where, keep, positions = ids.to(device), where.to(device), keep.to(device), torch.from_numpy(positions).to(device)
+        x = self.word(ids) + self.position(positions) + self.token_type.weight[0]  # (N, H)
+        x = self.embed_norm(x)
+        for layer in self.layers:
+            x = layer(x, where, keep, (batch, longest))
+        first = x[torch.from_numpy(starts).to(device)]  # (B, H): each row's [CLS]
+        return self.classifier(torch.tanh(self.pooler(first))).float()  # (B, C)
+
+
+class FastTokenizer:
+    """The folder's tokenizer.json through the `tokenizers` library: the ids transformers' fast
+    tokenizer gives with truncation=True, max_length=max_length (tests compare them)."""
+
+    def __init__(self, path: Path, max_length: int, pad_token: str = "[PAD]"):
+        from tokenizers import Tokenizer
+
+        self.max_length = max_length
+        # two backends, each with fixed settings, so that threads can share this object
+        self.truncating, self.whole = Tokenizer.from_file(str(path)), Tokenizer.from_file(str(path))
+        for backend in (self.truncating, self.whole):
+            backend.no_padding()
+            backend.no_truncation()
+        self.truncating.enable_truncation(max_length)
+        self.pad_token_id = self.whole.token_to_id(pad_token)
+
+    @classmethod
+    def from_folder(cls, folder: str | os.PathLike, max_length: int) -> FastTokenizer | None:
+        """None where the folder has no tokenizer.json (transformers then builds one)."""
+        folder = Path(folder)
+        if not (folder / "tokenizer.json").is_file():
+            return None
+        settings = folder / "tokenizer_config.json"
+        pad = json.loads(settings.read_text()).get("pad_token", "[PAD]") if settings.is_file() else "[PAD]"
+        pad = pad.get("content", "[PAD]") if isinstance(pad, dict) else pad
+        tokenizer = cls(folder / "tokenizer.json", max_length, pad)
+        return tokenizer if tokenizer.pad_token_id is not None else None
+
+    def encode(self, texts: Sequence[str], truncate: bool = True) -> list[list[int]]:
+        """Token ids per text ([CLS] ... [SEP]), cut to max_length unless truncate is False."""
+        backend = self.truncating if truncate else self.whole
+        return [e.ids for e in backend.encode_batch(list(texts))]
+

@@ -1,0 +1,116 @@
+"""potluck.fastbert computes what transformers computes: the same logits from the same weights (unpadded
+batches of any lengths), the same token ids from the same tokenizer.json, and a folder it does not know
+falls back to transformers. `potluck predict` answers without importing transformers or scikit-learn."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from serving_helpers import tiny_model
+
+from potluck.fastbert import FastBert, FastTokenizer, supports
+from potluck.inference import Predictor
+
+TEXTS = ["server down now", "Thanks for the GREAT call next week!", "payment failed", "", "hello",
+         "the site is down and customers cannot pay today please help now " * 12, "Café crème, naïve résumé",
+         "数据 lost at 3:45pm?? refund #1234", "outage\toutage\noutage  breach"]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory, tiny_encoder):
+    return tiny_model(tmp_path_factory, tiny_encoder)
+
+
+def hf_logits(model, tokenizer, texts, max_length=128):
+    batch = tokenizer(texts, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+    with torch.inference_mode():
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.numpy()
+
+
+def random_bert(**config):
+    """A random BertForSequenceClassification (5 labels, 3 layers) in eval mode."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    settings = dict(vocab_size=120, hidden_size=48, num_hidden_layers=3, num_attention_heads=4, intermediate_size=96,
+                    max_position_embeddings=160, num_labels=5) | config
+    torch.manual_seed(1)
+    return BertForSequenceClassification(BertConfig(**settings)).eval()
+
+
+@pytest.mark.parametrize("act", ["gelu", "relu", "gelu_new"])
+def test_same_logits_as_transformers_for_every_length_mix(act):
+    model = random_bert(hidden_act=act)
+    runner = FastBert.from_model(model)
+    rng = np.random.default_rng(0)
+    rows = [[2, *rng.integers(5, 120, size=n).tolist(), 3] for n in (0, 1, 7, 30, 3, 158, 64, 12)]
+    lengths = [len(r) for r in rows]
+    ids = torch.zeros(len(rows), max(lengths), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)], mask[i, :len(r)] = torch.tensor(r), 1
+    with torch.inference_mode():
+        ref = model(input_ids=ids, attention_mask=mask).logits.numpy()
+    np.testing.assert_allclose(runner.classify(rows).numpy(), ref, atol=2e-5)
+    np.testing.assert_allclose(runner.classify(rows[3:4]).numpy(), ref[3:4], atol=2e-5)  # alone = in a batch
+
+
+def test_same_logits_and_ids_on_a_saved_folder(folder):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    runner, fast = FastBert.from_folder(folder), FastTokenizer.from_folder(folder, 128)
+    ids = fast.encode(TEXTS)
+    assert ids == tokenizer(TEXTS, truncation=True, max_length=128)["input_ids"]
+    assert fast.pad_token_id == tokenizer.pad_token_id
+    np.testing.assert_allclose(runner.classify(ids).numpy(), hf_logits(model, tokenizer, TEXTS), atol=2e-5)
+
+
+def test_the_embedded_minilm_tokenizer_gives_transformers_ids():
+    from transformers import AutoTokenizer
+
+    from potluck.encoders import resolve_base
+
+    base = resolve_base("minilm")
+    hf, fast = AutoTokenizer.from_pretrained(base), FastTokenizer.from_folder(base, 64)
+    assert fast.encode(TEXTS) == hf(TEXTS, truncation=True, max_length=64)["input_ids"]
+    assert fast.encode(TEXTS, truncate=False) == hf(TEXTS, truncation=False)["input_ids"]
+
+
+def test_predictor_from_a_folder_needs_no_transformers_and_matches_it(folder):
+    lean = Predictor.from_folder(folder, precision="fp32")
+    assert isinstance(lean.runner, FastBert) and lean._model is None
+    heavy = Predictor(lean.model, lean.tokenizer, precision="fp32")  # loads transformers' model on demand
+    np.testing.assert_allclose(lean.predict_proba(TEXTS), softmax_hf(heavy, TEXTS), atol=2e-5)
+    assert lean.labels == ["calm", "urgent"]
+
+
+def softmax_hf(predictor, texts):
+    from potluck.calibration import softmax
+
+    return softmax(hf_logits(predictor.model, predictor.tokenizer, texts, predictor.max_length))
+
+
+def test_a_model_it_does_not_know_runs_on_transformers(folder, tmp_path):
+    other = tmp_path / "silu"
+    shutil.copytree(folder, other)
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "hidden_act": "silu"}))
+    assert not supports({**config, "hidden_act": "silu"}) and supports(config)
+    assert not supports({**config, "model_type": "roberta"})
+    predictor = Predictor.from_folder(other, precision="fp32")
+    assert not isinstance(predictor.runner, FastBert)
+    assert predictor.predict_proba(TEXTS).shape == (len(TEXTS), 2)
+
+
+def test_predict_imports_neither_transformers_nor_sklearn(folder):
+    code = ("import sys\nfrom typer.testing import CliRunner\nfrom potluck.cli import app\n"
+            f"r = CliRunner().invoke(app, ['predict', {str(folder)!r}, 'server down now'])\n"
+            "assert r.exit_code == 0, r.output\nprint(r.output)\n"
+            "print(sorted(m for m in ('transformers', 'sklearn') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "urgent" in done.stdout and done.stdout.strip().endswith("[]"), done.stdout
