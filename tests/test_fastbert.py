@@ -107,6 +107,17 @@ def test_a_model_it_does_not_know_runs_on_transformers(folder, tmp_path):
     assert predictor.predict_proba(TEXTS).shape == (len(TEXTS), 2)
 
 
+def test_a_folder_missing_a_tensor_is_left_to_transformers(folder, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    other = tmp_path / "no-pooler"
+    shutil.copytree(folder, other)
+    tensors = load_file(other / "model.safetensors")
+    save_file({k: v for k, v in tensors.items() if "pooler" not in k}, str(other / "model.safetensors"),
+              metadata={"format": "pt"})
+    assert FastBert.from_folder(other) is None and FastBert.from_folder(folder) is not None
+
+
 def test_predict_imports_neither_transformers_nor_sklearn(folder):
     code = ("import sys\nfrom typer.testing import CliRunner\nfrom potluck.cli import app\n"
             f"r = CliRunner().invoke(app, ['predict', {str(folder)!r}, 'server down now'])\n"

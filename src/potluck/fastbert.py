@@ -104,7 +104,10 @@ class FastBert(nn.Module):
         weights = folder / "model.safetensors"
         if not supports(config) or not weights.is_file():
             return None
-        return cls.from_state_dict(config, load_file(weights))
+        try:
+            return cls.from_state_dict(config, load_file(weights))
+        except KeyError:  # a tensor it needs is missing: transformers will say which, and what it does
+            return None
 
     @classmethod
     def from_model(cls, model) -> FastBert | None:
@@ -114,11 +117,15 @@ class FastBert(nn.Module):
                 {**config, "architectures": ["BertForSequenceClassification"]}):
             return None
         config["architectures"] = ["BertForSequenceClassification"]
-        return cls.from_state_dict(config, {k: v.detach() for k, v in model.state_dict().items()})
+        try:
+            return cls.from_state_dict(config, {k: v.detach() for k, v in model.state_dict().items()})
+        except KeyError:
+            return None
 
     @classmethod
     def from_state_dict(cls, config: dict, tensors: dict[str, torch.Tensor]) -> FastBert:
-        """Map transformers' parameter names onto this module and copy them in (shapes checked)."""
+        """Map transformers' parameter names onto this module and copy them in (shapes checked; a
+        missing tensor raises KeyError)."""
         runner = cls(config)
         b = "bert."
         mapping = {"word.weight": b + "embeddings.word_embeddings.weight",
@@ -190,8 +197,8 @@ class FastTokenizer:
         if not (folder / "tokenizer.json").is_file():
             return None
         settings = folder / "tokenizer_config.json"
-        pad = json.loads(settings.read_text()).get("pad_token", "[PAD]") if settings.is_file() else "[PAD]"
-        pad = pad.get("content", "[PAD]") if isinstance(pad, dict) else pad
+        pad = json.loads(settings.read_text()).get("pad_token") if settings.is_file() else None
+        pad = (pad.get("content") if isinstance(pad, dict) else pad) or "[PAD]"
         tokenizer = cls(folder / "tokenizer.json", max_length, pad)
         return tokenizer if tokenizer.pad_token_id is not None else None
 
