@@ -174,7 +174,9 @@ def main() -> None:
     bench = Bench(args.work / "commons", args.contributor_list, eval_slices, args.base)
     v0 = base_folder(bench.commons, 0)
     bases = [{"version": 0, "what": "MiniLM (anchor)", "new_tasks_frozen": new_task_frozen(v0, frozen_tasks, gate)}]
-    finetuned: dict[int, dict] = {}  # fine-tuning runs last: the most expensive part
+    finetuned: dict[int, dict] = {}  # fine-tuning runs last (the most expensive part), but for every base: first
+    if args.ft_all_bases:  # the anchor first, so that a run cut short still compares with it
+        finetuned[0] = new_task_finetune(v0, args, new_data, args.ft_seeds)
     poison: list[dict] = []
     rounds, first_models = [], {}
     for r in range(1, args.rounds + 1):

@@ -41,10 +41,13 @@ def random_bert(**config):
     return BertForSequenceClassification(BertConfig(**settings)).eval()
 
 
-@pytest.mark.parametrize("act", ["gelu", "relu", "gelu_new"])
-def test_same_logits_as_transformers_for_every_length_mix(act):
+@pytest.mark.parametrize("act,pack_below", [("gelu", 0.9), ("gelu", 0.0), ("gelu", 1.01), ("relu", 0.9),
+                                            ("gelu_new", 0.9)])
+def test_same_logits_as_transformers_for_every_length_mix(act, pack_below):
+    """pack_below 0: every batch runs as a padded grid; 1.01: every batch packed; 0.9: the default choice."""
     model = random_bert(hidden_act=act)
     runner = FastBert.from_model(model)
+    runner.pack_below = pack_below
     rng = np.random.default_rng(0)
     rows = [[2, *rng.integers(5, 120, size=n).tolist(), 3] for n in (0, 1, 7, 30, 3, 158, 64, 12)]
     lengths = [len(r) for r in rows]
@@ -56,6 +59,9 @@ def test_same_logits_as_transformers_for_every_length_mix(act):
         ref = model(input_ids=ids, attention_mask=mask).logits.numpy()
     np.testing.assert_allclose(runner.classify(rows).numpy(), ref, atol=2e-5)
     np.testing.assert_allclose(runner.classify(rows[3:4]).numpy(), ref[3:4], atol=2e-5)  # alone = in a batch
+    same = [r[:12] for r in rows if len(r) >= 12]  # no padding at all: no attention mask
+    np.testing.assert_allclose(runner.classify(same).numpy(), model(input_ids=torch.tensor(same)).logits.detach().numpy(),
+                               atol=2e-5)
 
 
 def test_same_logits_and_ids_on_a_saved_folder(folder):

@@ -57,16 +57,23 @@ class _Layer(nn.Module):
         self.ff_out = nn.Linear(intermediate, hidden)
         self.ff_norm = nn.LayerNorm(hidden, eps=eps)
 
-    def forward(self, x: torch.Tensor, where: torch.Tensor, keep: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-        """x: (N, H) packed tokens; where: (N,) their flat positions in a (B, T) grid; keep: (B, 1, 1, T)."""
+    def forward(self, x: torch.Tensor, where: torch.Tensor | None, keep: torch.Tensor | None,
+                shape: tuple[int, int]) -> torch.Tensor:
+        """x: (N, H) packed tokens, where: (N,) their flat positions in the (B, T) grid; or x: (B*T, H) the
+        whole grid and where None. keep: (B, 1, 1, T), True for real tokens (None: no padding)."""
         batch, length = shape
-        n, hidden = x.shape
+        hidden = x.shape[1]
         d = hidden // self.heads
-        grid = x.new_zeros(batch * length, 3 * hidden)  # (B*T, 3H); padding rows stay zero
-        grid[where] = self.qkv(x)
+        if where is None:
+            grid = self.qkv(x)  # (B*T, 3H)
+        else:
+            grid = x.new_zeros(batch * length, 3 * hidden)  # (B*T, 3H); padding rows stay zero
+            grid[where] = self.qkv(x)
         q, k, v = grid.view(batch, length, 3, self.heads, d).permute(2, 0, 3, 1, 4)  # 3 x (B, heads, T, d)
         context = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)  # (B, heads, T, d)
-        context = context.transpose(1, 2).reshape(batch * length, hidden)[where]  # (N, H)
+        context = context.transpose(1, 2).reshape(batch * length, hidden)  # (B*T, H)
+        if where is not None:
+            context = context[where]  # (N, H)
         x = self.attn_norm(x + self.attn_out(context))
         return self.ff_norm(x + self.ff_out(self.act(self.ff_in(x))))
 
@@ -90,6 +97,7 @@ class FastBert(nn.Module):
                                     for _ in range(config["num_hidden_layers"]))
         self.pooler = nn.Linear(hidden, hidden)
         self.classifier = nn.Linear(hidden, self.num_labels)
+        self.pack_below = 0.9  # pack a batch when real tokens are under this share of its (B, T) grid
         self.eval()
 
     # -- loading ------------------------------------------------------------------------------
@@ -159,19 +167,30 @@ class FastBert(nn.Module):
         batch, longest = len(rows), int(lengths.max())
         if longest > self.max_positions:
             raise ValueError(f"a row has {longest} tokens, more than the model's {self.max_positions} positions")
-        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])  # (B,) where each row begins in the packing
-        positions = np.arange(int(lengths.sum())) - np.repeat(starts, lengths)  # (N,)
-        where = torch.from_numpy(np.repeat(np.arange(batch) * longest, lengths) + positions)  # (N,)
-        ids = torch.from_numpy(np.fromiter((t for r in rows for t in r), dtype=np.int64, count=int(lengths.sum())))
-        keep = (torch.arange(longest) < torch.from_numpy(lengths)[:, None]).view(batch, 1, 1, longest)  # (B,1,1,T)
+        total = int(lengths.sum())
         device = self.word.weight.device
-        ids, where, keep, positions = ids.to(device), where.to(device), keep.to(device), torch.from_numpy(positions).to(device)
-        x = self.word(ids) + self.position(positions) + self.token_type.weight[0]  # (N, H)
-        x = self.embed_norm(x)
+        packed = total < self.pack_below * batch * longest  # worth the scatter and gather of packing?
+        if packed:
+            starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])  # (B,) where each row begins in the packing
+            positions = np.arange(total) - np.repeat(starts, lengths)  # (N,)
+            where = torch.from_numpy(np.repeat(np.arange(batch) * longest, lengths) + positions).to(device)  # (N,)
+            ids = np.fromiter((t for r in rows for t in r), dtype=np.int64, count=total)  # (N,)
+            first = torch.from_numpy(starts)  # (B,) each row's [CLS] in the packing
+        else:  # little padding: run the whole (B, T) grid, as transformers does
+            ids = np.zeros((batch, longest), dtype=np.int64)
+            for i, r in enumerate(rows):
+                ids[i, :len(r)] = r
+            ids, positions, where = ids.reshape(-1), np.tile(np.arange(longest), batch), None  # (B*T,)
+            first = torch.arange(batch) * longest
+        keep = None
+        if total < batch * longest:
+            keep = (torch.arange(longest) < torch.from_numpy(lengths)[:, None]).view(batch, 1, 1, longest).to(device)
+        ids, positions = torch.from_numpy(ids).to(device), torch.from_numpy(positions).to(device)
+        x = self.embed_norm(self.word(ids) + self.position(positions) + self.token_type.weight[0])  # (N or B*T, H)
         for layer in self.layers:
             x = layer(x, where, keep, (batch, longest))
-        first = x[torch.from_numpy(starts).to(device)]  # (B, H): each row's [CLS]
-        return self.classifier(torch.tanh(self.pooler(first))).float()  # (B, C)
+        pooled = torch.tanh(self.pooler(x[first.to(device)]))  # (B, H) from each row's [CLS]
+        return self.classifier(pooled).float()  # (B, C)
 
 
 class FastTokenizer:
