@@ -6,16 +6,18 @@
 
 Why write the forward pass again (as nanoGPT does for GPT-2, and text-embeddings-inference for BERT)?
 
-- Padding: a batch of texts of different lengths is run *unpadded*. The linear layers and the
-  feed-forward (~95 % of the work at 128 tokens) run on the packed tokens only; attention scatters
+- Padding: a batch with more than 10 % padding is run *packed*. The linear layers and the
+  feed-forward (~95 % of the work at 128 tokens) run on the real tokens only; attention scatters
   them into a padded (B, heads, T, d) view for `scaled_dot_product_attention` and gathers them back.
   A server batch gathered from concurrent requests has random lengths; it pays for no padding here.
+  A length-sorted batch with little padding runs as a plain (B, T) grid: there the scatter and
+  gather (slow in bf16) would cost more than the padding they save.
 - One query/key/value matmul instead of three, and no per-call mask building.
 - Start-up: `potluck predict` needs torch, safetensors and tokenizers only; importing transformers'
   BERT and auto classes costs seconds before the first answer.
 
 It loads the same safetensors weights transformers' BertForSequenceClassification saves and computes
-the same function (tests compare both to 1e-5 in fp32). Anything it does not know (another model type,
+the same function (tests compare both to 2e-5 in fp32). Anything it does not know (another model type,
 another activation, relative positions) makes `supports` say no, and the caller runs transformers.
 """
 
@@ -86,7 +88,9 @@ class FastBert(nn.Module):
         if not supports(config):
             raise ValueError("not a BERT sequence classifier this runner supports")
         hidden, eps = config["hidden_size"], config.get("layer_norm_eps", 1e-12)
-        self.num_labels = len(config["id2label"]) if "id2label" in config else config.get("num_labels", 2)
+        id2label = {int(i): label for i, label in config["id2label"].items()}
+        self.labels = [id2label[i] for i in range(len(id2label))]  # column order of the logits
+        self.num_labels = len(self.labels)
         self.max_positions = config["max_position_embeddings"]
         self.word = nn.Embedding(config["vocab_size"], hidden)
         self.position = nn.Embedding(config["max_position_embeddings"], hidden)
@@ -112,47 +116,25 @@ class FastBert(nn.Module):
         weights = folder / "model.safetensors"
         if not supports(config) or not weights.is_file():
             return None
-        try:
-            return cls.from_state_dict(config, load_file(weights))
-        except KeyError:  # a tensor it needs is missing: transformers will say which, and what it does
-            return None
+        return cls.from_state_dict(config, load_file(weights))
 
     @classmethod
     def from_model(cls, model) -> FastBert | None:
         """The runner for a loaded transformers model (its weights copied), or None if unsupported."""
-        config = model.config.to_dict()
-        if type(model).__name__ != "BertForSequenceClassification" or not supports(
-                {**config, "architectures": ["BertForSequenceClassification"]}):
+        config = {**model.config.to_dict(), "architectures": [type(model).__name__]}
+        if not supports(config):
             return None
-        config["architectures"] = ["BertForSequenceClassification"]
-        try:
-            return cls.from_state_dict(config, {k: v.detach() for k, v in model.state_dict().items()})
-        except KeyError:
-            return None
+        return cls.from_state_dict(config, {k: v.detach() for k, v in model.state_dict().items()})
 
     @classmethod
-    def from_state_dict(cls, config: dict, tensors: dict[str, torch.Tensor]) -> FastBert:
-        """Map transformers' parameter names onto this module and copy them in (shapes checked; a
-        missing tensor raises KeyError)."""
+    def from_state_dict(cls, config: dict, tensors: dict[str, torch.Tensor]) -> FastBert | None:
+        """Copy transformers' tensors into this module (shapes checked). None when a tensor it needs is
+        missing: transformers then loads the model and says what it does about it."""
         runner = cls(config)
-        b = "bert."
-        mapping = {"word.weight": b + "embeddings.word_embeddings.weight",
-                   "position.weight": b + "embeddings.position_embeddings.weight",
-                   "token_type.weight": b + "embeddings.token_type_embeddings.weight",
-                   "embed_norm.weight": b + "embeddings.LayerNorm.weight",
-                   "embed_norm.bias": b + "embeddings.LayerNorm.bias",
-                   "pooler.weight": b + "pooler.dense.weight", "pooler.bias": b + "pooler.dense.bias",
-                   "classifier.weight": "classifier.weight", "classifier.bias": "classifier.bias"}
-        state = {ours: tensors[theirs] for ours, theirs in mapping.items()}
-        for i in range(len(runner.layers)):
-            p = f"{b}encoder.layer.{i}."
-            for part in ("weight", "bias"):
-                state[f"layers.{i}.qkv.{part}"] = torch.cat([tensors[f"{p}attention.self.{name}.{part}"]
-                                                             for name in ("query", "key", "value")])
-                for ours, theirs in (("attn_out", "attention.output.dense"), ("attn_norm", "attention.output.LayerNorm"),
-                                     ("ff_in", "intermediate.dense"), ("ff_out", "output.dense"),
-                                     ("ff_norm", "output.LayerNorm")):
-                    state[f"layers.{i}.{ours}.{part}"] = tensors[p + theirs + "." + part]
+        try:
+            state = _renamed(tensors, len(runner.layers))
+        except KeyError:
+            return None
         runner.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)  # shapes checked here
         return runner
 
@@ -193,6 +175,29 @@ class FastBert(nn.Module):
         return self.classifier(pooled).float()  # (B, C)
 
 
+def _renamed(tensors: dict[str, torch.Tensor], layers: int) -> dict[str, torch.Tensor]:
+    """transformers' BertForSequenceClassification tensors under FastBert's names (query, key and value
+    stacked into one qkv); KeyError for a missing one."""
+    b = "bert."
+    mapping = {"word.weight": b + "embeddings.word_embeddings.weight",
+               "position.weight": b + "embeddings.position_embeddings.weight",
+               "token_type.weight": b + "embeddings.token_type_embeddings.weight",
+               "embed_norm.weight": b + "embeddings.LayerNorm.weight", "embed_norm.bias": b + "embeddings.LayerNorm.bias",
+               "pooler.weight": b + "pooler.dense.weight", "pooler.bias": b + "pooler.dense.bias",
+               "classifier.weight": "classifier.weight", "classifier.bias": "classifier.bias"}
+    state = {ours: tensors[theirs] for ours, theirs in mapping.items()}
+    for i in range(layers):
+        p = f"{b}encoder.layer.{i}."
+        for part in ("weight", "bias"):
+            state[f"layers.{i}.qkv.{part}"] = torch.cat([tensors[f"{p}attention.self.{name}.{part}"]
+                                                         for name in ("query", "key", "value")])
+            for ours, theirs in (("attn_out", "attention.output.dense"), ("attn_norm", "attention.output.LayerNorm"),
+                                 ("ff_in", "intermediate.dense"), ("ff_out", "output.dense"),
+                                 ("ff_norm", "output.LayerNorm")):
+                state[f"layers.{i}.{ours}.{part}"] = tensors[p + theirs + "." + part]
+    return state
+
+
 class FastTokenizer:
     """The folder's tokenizer.json through the `tokenizers` library: the ids transformers' fast
     tokenizer gives with truncation=True, max_length=max_length (tests compare them)."""
@@ -202,7 +207,8 @@ class FastTokenizer:
 
         self.max_length = max_length
         # two backends, each with fixed settings, so that threads can share this object
-        self.truncating, self.whole = Tokenizer.from_file(str(path)), Tokenizer.from_file(str(path))
+        text = Path(path).read_text(encoding="utf-8")
+        self.truncating, self.whole = Tokenizer.from_str(text), Tokenizer.from_str(text)
         for backend in (self.truncating, self.whole):
             backend.no_padding()
             backend.no_truncation()

@@ -103,7 +103,8 @@ class Predictor:
 
     def __init__(self, model=None, tokenizer=None, *, max_length: int = 128, precision: str = "auto",
                  batch_size: int | None = None, device: str = "cpu", max_tokens: int | None = None,
-                 folder: str | os.PathLike | None = None, fast: tuple | None = None):
+                 folder: str | os.PathLike | None = None, reference: FastBert | None = None,
+                 encoder: FastTokenizer | None = None):
         if precision not in PRECISIONS:
             raise UserError(f"unknown precision '{precision}'", hint=f"use one of {', '.join(PRECISIONS)}")
         self.device = torch.device(device)
@@ -115,15 +116,16 @@ class Predictor:
         self.max_tokens = max_tokens or MAX_TOKENS[self.precision_used]
         self.folder = Path(folder) if folder is not None else None
         self._model, self._tokenizer = model, tokenizer
-        if fast is not None:  # from_folder's transformers-free path: (FastBert, FastTokenizer, labels)
-            self.reference, self.encoder, self.labels = fast
-        else:
+        self.encoder = encoder  # None: transformers' tokenizer
+        if reference is None:  # a transformers model was given: run it on fastbert where fastbert can
             model.eval()
             self._model = model.to(self.device)
-            self.reference = FastBert.from_model(model) or model
-            self.encoder = None
+            reference = FastBert.from_model(model) or model
+        if isinstance(reference, FastBert):
+            self.labels = reference.labels
+        else:
             self.labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
-        self.reference = self.reference.to(self.device).eval()
+        self.reference = reference.to(self.device).eval()
         self.runner = fast_copy(self.reference, self.precision_used)
 
     @classmethod
@@ -137,12 +139,10 @@ class Predictor:
                             hint="pass the --out folder of `potluck finetune`")
         if kwargs.get("max_length") is None:
             kwargs["max_length"] = _max_length(path)
-        config = json.loads((path / "config.json").read_text())
         runner = FastBert.from_folder(path)
         encoder = FastTokenizer.from_folder(path, kwargs["max_length"]) if runner is not None else None
-        if runner is not None and encoder is not None:
-            labels = [config["id2label"][str(i)] for i in range(len(config["id2label"]))]
-            return cls(folder=path, fast=(runner, encoder, labels), **kwargs)
+        if runner is not None and encoder is not None:  # no transformers needed
+            return cls(folder=path, reference=runner, encoder=encoder, **kwargs)
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         model = AutoModelForSequenceClassification.from_pretrained(path, use_safetensors=True)
