@@ -13,11 +13,13 @@ that interleave the methods (the machine is shared: the best round is the least 
 median is reported too):
 - pipeline: `pipeline("text-classification", batch_size=32)` with truncation to 128, all scores (the anchor);
 - fp32: Predictor (potluck.fastbert: length-sorted, unpadded batches), the reference for agreement;
-- bf16-transformers: transformers' model with bf16 weights on the same length-sorted batches, padded
-  (Potluck's bf16 path before potluck.fastbert, for comparison);
-- bf16: Predictor with the weights cast to bf16 once, larger token-budget batches, on potluck.fastbert;
+- bf16-transformers: transformers' model with bf16 weights on the same length-sorted batches, padded,
+  on the same worker threads (Potluck's bf16 path before potluck.fastbert, for comparison);
+- bf16: Predictor with the weights cast to bf16 once and packed for oneDNN, larger token-budget
+  batches, on potluck.fastbert;
 - int8: Predictor with dynamic int8 Linear layers (on potluck.fastbert).
-Agreement is argmax agreement with fp32; max |dp| the largest probability difference to fp32.
+Agreement is argmax agreement with fp32; max |dp| the largest probability difference to fp32. Every
+Predictor runs its batches on one worker thread per core, two batches at a time here (the default).
 """
 
 from __future__ import annotations
@@ -90,7 +92,7 @@ def methods(folder: Path) -> dict:
 
     def run_transformers_bf16(texts):
         return softmax(run_batches(hf_bf16, bf16.encode(texts), pad_id=bf16.pad_token_id, device=bf16.device,
-                                   batch_size=bf16.batch_size, max_tokens=bf16.max_tokens))
+                                   batch_size=bf16.batch_size, max_tokens=bf16.max_tokens, pool=bf16.pool))
 
     int8 = Predictor.from_folder(folder, precision="int8")
     return {"pipeline": run_pipeline, "fp32": fp32.predict_proba, "bf16-transformers": run_transformers_bf16,
@@ -99,7 +101,8 @@ def methods(folder: Path) -> dict:
 
 
 def _settings(p) -> dict:
-    return {"batch_size": p.batch_size, "max_tokens": p.max_tokens, "precision": p.precision_used}
+    return {"batch_size": p.batch_size, "max_tokens": p.max_tokens, "precision": p.precision_used,
+            "workers": p.workers}
 
 
 def main() -> None:

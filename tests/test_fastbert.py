@@ -64,6 +64,47 @@ def test_same_logits_as_transformers_for_every_length_mix(act, pack_below):
                                atol=2e-5)
 
 
+@pytest.mark.parametrize("slack", [0.0, 0.5, 0.8, 1.0])
+def test_attention_blocks_of_similar_lengths_change_nothing(slack):
+    """A packed batch runs its attention per block of similar lengths (slack 0: one block; 1: a block
+    per distinct length): the logits are the same."""
+    model = random_bert()
+    runner = FastBert.from_model(model)
+    runner.pack_below, runner.block_slack = 1.01, slack
+    rng = np.random.default_rng(1)
+    rows = [[2, *rng.integers(5, 120, size=n).tolist(), 3] for n in rng.integers(0, 100, size=17)]
+    ref = np.concatenate([model(input_ids=torch.tensor([r])).logits.detach().numpy() for r in rows])
+    np.testing.assert_allclose(runner.classify(rows).numpy(), ref, atol=2e-5)
+
+
+def test_length_blocks():
+    from potluck.fastbert import length_blocks
+
+    assert length_blocks(np.array([100, 90, 80, 79, 40, 40, 3]), 0.8) == [(0, 3), (3, 4), (4, 6), (6, 7)]
+    assert length_blocks(np.array([5, 5, 5]), 0.8) == [(0, 3)]
+    assert length_blocks(np.array([9, 1]), 0.0) == [(0, 2)]
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+@pytest.mark.parametrize("act", ["gelu", "relu", "gelu_new"])
+def test_packed_weights_compute_the_same_function(act):
+    """pack() lays the weights out for oneDNN with bias and activation fused: the same logits as the
+    plain layers, in fp32 to float rounding and in bf16 to bf16 rounding."""
+    import copy
+
+    runner = FastBert.from_model(random_bert(hidden_act=act))
+    rng = np.random.default_rng(2)
+    rows = [[2, *rng.integers(5, 120, size=n).tolist(), 3] for n in (0, 9, 40, 41, 17, 120)]
+    for dtype, atol in ((torch.float32, 1e-4), (torch.bfloat16, 0.1)):
+        plain = copy.deepcopy(runner).to(dtype)
+        packed = copy.deepcopy(plain).pack(rows=64)
+        assert all(layer.packed for layer in packed.layers)
+        np.testing.assert_allclose(packed.classify(rows).numpy(), plain.classify(rows).numpy(), atol=atol)
+    reference = runner.classify(rows).numpy()
+    bf16 = copy.deepcopy(runner).to(torch.bfloat16).pack().classify(rows).numpy()
+    assert (bf16.argmax(1) == reference.argmax(1)).mean() >= 5 / 6
+
+
 def test_same_logits_and_ids_on_a_saved_folder(folder):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 

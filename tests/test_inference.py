@@ -38,6 +38,30 @@ def test_small_batches_and_token_budgets_give_the_same_answers(folder, fp32):
     np.testing.assert_allclose(small.predict_proba(TEXTS * 3), fp32.predict_proba(TEXTS * 3), atol=1e-5)
 
 
+def test_worker_threads_give_the_same_answers_and_leave_torch_threads_alone(folder, fp32):
+    """Batches run on `workers` threads at once, each on its own share of the cores; the caller's
+    torch thread count, and that of threads started later, stay what they were."""
+    import threading
+
+    before = torch.get_num_threads()
+    texts = TEXTS * 40  # 320 texts: tokenized in parts on the workers too
+    one = Predictor.from_folder(folder, precision="fp32", workers=1, batch_size=4)
+    two = Predictor.from_folder(folder, precision="fp32", workers=2, batch_size=4)
+    np.testing.assert_allclose(two.predict_proba(texts), one.predict_proba(texts), atol=1e-5)
+    np.testing.assert_allclose(two.predict_proba(texts), fp32.predict_proba(texts), atol=1e-5)
+    assert two.encode(texts) == one.encode(texts)
+    threads_seen = set(two.pool.map(lambda _: torch.get_num_threads(), range(8)))
+    assert threads_seen == {max(1, before // 2)}
+    assert torch.get_num_threads() == before
+    later = []
+    thread = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
+    thread.start()
+    thread.join()
+    assert later == [before]
+    with pytest.raises(UserError, match="workers must be at least 1"):
+        Predictor.from_folder(folder, workers=-1)
+
+
 def test_learned_something_and_labels_follow_the_config(fp32):
     assert fp32.labels == ["calm", "urgent"]
     probs = fp32.predict_proba(["server down outage now", "thanks great love nice"])

@@ -222,6 +222,31 @@ def test_batcher_respects_the_budget():
     assert max(calls) <= 3
 
 
+def test_batcher_runs_up_to_max_in_flight_batches_at_once():
+    """With two model threads, a second batch starts while the first runs, and every request is answered."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    both_running = threading.Barrier(2, timeout=10)  # passes only when two runs overlap
+    sizes = []
+
+    def run(ids):
+        sizes.append(len(ids))
+        if len(sizes) <= 2:
+            both_running.wait()
+        return np.array([[float(row[0]), 0.0] for row in ids])
+
+    async def main():
+        batcher = MicroBatcher(run, ThreadPoolExecutor(2), max_wait_ms=0, max_batch_texts=1, max_in_flight=2)
+        batcher.start()
+        results = await asyncio.gather(*(batcher.submit([[i]]) for i in range(6)))
+        await batcher.stop()
+        return results
+
+    results = asyncio.run(main())
+    assert [r[0, 0] for r in results] == list(range(6)) and sizes == [1] * 6
+
+
 def test_batcher_passes_a_model_error_to_each_request():
     from concurrent.futures import ThreadPoolExecutor
 

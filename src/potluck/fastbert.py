@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,9 @@ from torch import nn
 
 ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
                "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
+# the same activations as oneDNN post-ops (attr, algorithm), fused into a packed matmul
+ONEDNN_POST_OPS = {"gelu": ("gelu", "none"), "relu": ("relu", ""), "gelu_new": ("gelu", "tanh"),
+                   "gelu_pytorch_tanh": ("gelu", "tanh")}
 
 
 def supports(config: dict) -> bool:
@@ -49,35 +53,94 @@ def supports(config: dict) -> bool:
 
 
 class _Layer(nn.Module):
-    def __init__(self, hidden: int, heads: int, intermediate: int, eps: float, act):
+    def __init__(self, hidden: int, heads: int, intermediate: int, eps: float, act: str):
         super().__init__()
-        self.heads, self.act = heads, act
+        self.heads, self.act = heads, ACTIVATIONS[act]
+        self.post_op = ONEDNN_POST_OPS[act]
         self.qkv = nn.Linear(hidden, 3 * hidden)
         self.attn_out = nn.Linear(hidden, hidden)
         self.attn_norm = nn.LayerNorm(hidden, eps=eps)
         self.ff_in = nn.Linear(hidden, intermediate)
         self.ff_out = nn.Linear(intermediate, hidden)
         self.ff_norm = nn.LayerNorm(hidden, eps=eps)
+        self.packed: dict[str, torch.Tensor] = {}  # oneDNN-packed weights by Linear name (see FastBert.pack)
 
-    def forward(self, x: torch.Tensor, where: torch.Tensor | None, keep: torch.Tensor | None,
-                shape: tuple[int, int]) -> torch.Tensor:
-        """x: (N, H) packed tokens, where: (N,) their flat positions in the (B, T) grid; or x: (B*T, H) the
-        whole grid and where None. keep: (B, 1, 1, T), True for real tokens (None: no padding)."""
-        batch, length = shape
+    def pack(self, rows: int) -> None:
+        for name in ("qkv", "attn_out", "ff_in", "ff_out"):
+            self.packed[name] = torch.ops.mkldnn._reorder_linear_weight(getattr(self, name).weight.detach(), rows)
+
+    def dense(self, name: str, x: torch.Tensor, activate: bool = False) -> torch.Tensor:
+        """The Linear layer `name` on x (then the activation, if `activate`); one fused oneDNN call when packed."""
+        if self.packed:
+            attr, algorithm = self.post_op if activate else ("none", "")
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed[name], getattr(self, name).bias, attr, [],
+                                                      algorithm)
+        y = getattr(self, name)(x)
+        return self.act(y) if activate else y
+
+    def forward(self, x: torch.Tensor, blocks: list[_Block], first: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (N, H), the rows of the blocks one after the other. first: (B,) the rows of x holding each
+        text's [CLS]; given, only those are computed and returned (B, H): all the classifier reads of
+        the last layer."""
         hidden = x.shape[1]
         d = hidden // self.heads
-        if where is None:
-            grid = self.qkv(x)  # (B*T, 3H)
-        else:
-            grid = x.new_zeros(batch * length, 3 * hidden)  # (B*T, 3H); padding rows stay zero
-            grid[where] = self.qkv(x)
-        q, k, v = grid.view(batch, length, 3, self.heads, d).permute(2, 0, 3, 1, 4)  # 3 x (B, heads, T, d)
-        context = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)  # (B, heads, T, d)
-        context = context.transpose(1, 2).reshape(batch * length, hidden)  # (B*T, H)
-        if where is not None:
-            context = context[where]  # (N, H)
-        x = self.attn_norm(x + self.attn_out(context))
-        return self.ff_norm(x + self.ff_out(self.act(self.ff_in(x))))
+        qkv = self.dense("qkv", x)  # (N, 3H)
+        contexts = []
+        for block in blocks:
+            grid = qkv[block.start:block.stop]  # (tokens, 3H)
+            if block.where is not None:  # scatter into the block's (rows, longest) grid; padding stays zero
+                grid = grid.new_zeros(block.rows * block.longest, 3 * hidden).index_copy_(0, block.where, grid)
+            q, k, v = grid.view(block.rows, block.longest, 3, self.heads, d).permute(2, 0, 3, 1, 4)  # (b, heads, T, d)
+            if first is not None:
+                q = q[:, :, :1]  # [CLS] is position 0 of its row
+            context = F.scaled_dot_product_attention(q, k, v, attn_mask=block.keep)  # (b, heads, T or 1, d)
+            context = context.transpose(1, 2).reshape(-1, hidden)  # (b*T or b, H)
+            if block.where is not None and first is None:
+                context = context[block.where]  # (tokens, H)
+            contexts.append(context)
+        context = contexts[0] if len(contexts) == 1 else torch.cat(contexts)  # (N or B, H)
+        if first is not None:
+            x = x[first]
+        x = self.attn_norm(x + self.dense("attn_out", context))
+        return self.ff_norm(x + self.dense("ff_out", self.dense("ff_in", x, activate=True)))
+
+
+@dataclass
+class _Block:
+    """Texts of similar length whose attention runs as one (rows, longest) grid: tokens start:stop of
+    the layer input, scattered to flat grid positions `where` (None: they fill the grid already).
+    keep: (rows, 1, 1, longest), True for real tokens (None: no padding)."""
+
+    start: int
+    stop: int
+    rows: int
+    longest: int
+    where: torch.Tensor | None = None
+    keep: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, lengths: np.ndarray, start: int, grid: bool, device) -> _Block:
+        """The block of texts with these lengths whose tokens begin at `start`: packed (one after the
+        other, longest first), or, with grid, already padded to the longest (rows in any order)."""
+        rows, longest = len(lengths), int(lengths.max())
+        block = cls(start, start + (rows * longest if grid else int(lengths.sum())), rows, longest)
+        if lengths.min() < longest:
+            block.keep = (torch.arange(longest) < torch.from_numpy(lengths)[:, None]).view(rows, 1, 1, longest)
+            block.keep = block.keep.to(device)
+            if not grid:
+                offsets = np.repeat(np.arange(rows) * longest - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths)
+                block.where = torch.from_numpy(np.arange(int(lengths.sum())) + offsets).to(device)
+        return block
+
+
+def length_blocks(lengths: np.ndarray, slack: float) -> list[tuple[int, int]]:
+    """Cut lengths sorted longest first into runs [i, j) whose rows are all >= slack x the run's longest."""
+    runs, i = [], 0
+    for j in range(1, len(lengths) + 1):
+        if j == len(lengths) or lengths[j] < slack * lengths[i]:
+            runs.append((i, j))
+            i = j
+    return runs
 
 
 class FastBert(nn.Module):
@@ -96,12 +159,13 @@ class FastBert(nn.Module):
         self.position = nn.Embedding(config["max_position_embeddings"], hidden)
         self.token_type = nn.Embedding(config.get("type_vocab_size", 2), hidden)
         self.embed_norm = nn.LayerNorm(hidden, eps=eps)
-        act = ACTIVATIONS[config["hidden_act"]]
+        act = config["hidden_act"]
         self.layers = nn.ModuleList(_Layer(hidden, config["num_attention_heads"], config["intermediate_size"], eps, act)
                                     for _ in range(config["num_hidden_layers"]))
         self.pooler = nn.Linear(hidden, hidden)
         self.classifier = nn.Linear(hidden, self.num_labels)
         self.pack_below = 0.9  # pack a batch when real tokens are under this share of its (B, T) grid
+        self.block_slack = 0.8  # packed: attention blocks hold texts of >= 80 % of their longest's length
         self.eval()
 
     # -- loading ------------------------------------------------------------------------------
@@ -138,41 +202,52 @@ class FastBert(nn.Module):
         runner.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)  # shapes checked here
         return runner
 
+    def pack(self, rows: int = 4096) -> FastBert:
+        """Pre-pack the Linear weights of the layers for oneDNN, as torch.compile's freezing does: the
+        weights are laid out for the CPU's matmul once instead of on every call, and the bias and the
+        activation run inside the matmul. `rows`: the typical rows per call, a hint. Call it last
+        (after `.to(dtype)`): a packed runner stays on the CPU in that dtype. Returns self; unchanged
+        where torch has no oneDNN."""
+        if torch.backends.mkldnn.is_available() and self.word.weight.device.type == "cpu":
+            for layer in self.layers:
+                layer.pack(rows)
+        return self
+
     # -- running ------------------------------------------------------------------------------
 
     @torch.inference_mode()
     def classify(self, rows: Sequence[Sequence[int]]) -> torch.Tensor:
         """Logits (N, C) float32 for token-id rows (each [CLS] ... [SEP]), in their order, in one pass."""
-        lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
         if len(rows) == 0:
             return torch.zeros(0, self.num_labels)
-        batch, longest = len(rows), int(lengths.max())
+        lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
+        batch, longest, total = len(rows), int(lengths.max()), int(lengths.sum())
         if longest > self.max_positions:
             raise ValueError(f"a row has {longest} tokens, more than the model's {self.max_positions} positions")
-        total = int(lengths.sum())
         device = self.word.weight.device
-        packed = total < self.pack_below * batch * longest  # worth the scatter and gather of packing?
-        if packed:
-            starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])  # (B,) where each row begins in the packing
-            positions = np.arange(total) - np.repeat(starts, lengths)  # (N,)
-            where = torch.from_numpy(np.repeat(np.arange(batch) * longest, lengths) + positions).to(device)  # (N,)
-            ids = np.fromiter((t for r in rows for t in r), dtype=np.int64, count=total)  # (N,)
-            first = torch.from_numpy(starts)  # (B,) each row's [CLS] in the packing
-        else:  # little padding: run the whole (B, T) grid, as transformers does
+        if total >= self.pack_below * batch * longest:  # little padding: run the (B, T) grid, as transformers does
+            order = np.arange(batch)
             ids = np.zeros((batch, longest), dtype=np.int64)
             for i, r in enumerate(rows):
                 ids[i, :len(r)] = r
-            ids, positions, where = ids.reshape(-1), np.tile(np.arange(longest), batch), None  # (B*T,)
-            first = torch.arange(batch) * longest
-        keep = None
-        if total < batch * longest:
-            keep = (torch.arange(longest) < torch.from_numpy(lengths)[:, None]).view(batch, 1, 1, longest).to(device)
+            ids, positions = ids.reshape(-1), np.tile(np.arange(longest), batch)  # (B*T,)
+            starts = np.arange(batch) * longest
+            blocks = [_Block.of(lengths, 0, grid=True, device=device)]
+        else:  # packed, longest first; attention per block of similar lengths
+            order = np.argsort(-lengths, kind="stable")
+            lengths = lengths[order]
+            starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])  # (B,) where each row begins
+            ids = np.fromiter((t for i in order for t in rows[i]), dtype=np.int64, count=total)  # (N,)
+            positions = np.arange(total) - np.repeat(starts, lengths)  # (N,)
+            blocks = [_Block.of(lengths[i:j], int(starts[i]), grid=False, device=device)
+                      for i, j in length_blocks(lengths, self.block_slack)]
         ids, positions = torch.from_numpy(ids).to(device), torch.from_numpy(positions).to(device)
-        x = self.embed_norm(self.word(ids) + self.position(positions) + self.token_type.weight[0])  # (N or B*T, H)
-        for layer in self.layers:
-            x = layer(x, where, keep, (batch, longest))
-        pooled = torch.tanh(self.pooler(x[first.to(device)]))  # (B, H) from each row's [CLS]
-        return self.classifier(pooled).float()  # (B, C)
+        x = self.embed_norm(self.word(ids) + self.position(positions) + self.token_type.weight[0])  # (N, H)
+        first = torch.from_numpy(starts).to(device)  # (B,) each row's [CLS]
+        for i, layer in enumerate(self.layers):
+            x = layer(x, blocks, first if i == len(self.layers) - 1 else None)
+        logits = self.classifier(torch.tanh(self.pooler(x))).float()  # (B, C), rows in `order`
+        return logits[torch.from_numpy(np.argsort(order)).to(device)]
 
 
 def _renamed(tensors: dict[str, torch.Tensor], layers: int) -> dict[str, torch.Tensor]:

@@ -13,6 +13,7 @@ Routes: POST /v1/models/{name}/predict (and POST /predict when one model is load
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import os
@@ -106,12 +107,11 @@ def create_app(folders: Sequence[str | os.PathLike] = (), settings: ServeSetting
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        model_thread = ThreadPoolExecutor(1, thread_name_prefix="potluck-model")
         app.state.tokenizer_thread = ThreadPoolExecutor(1, thread_name_prefix="potluck-tokenize")
-        for m in models.values():
-            m.batcher = MicroBatcher(m.predictor.logits_from_ids, model_thread, max_wait_ms=settings.max_wait_ms,
-                                     max_batch_texts=settings.max_batch_texts,
-                                     max_batch_tokens=settings.max_batch_tokens,
+        for m in models.values():  # each batch runs whole on one of the predictor's worker threads
+            m.batcher = MicroBatcher(functools.partial(m.predictor.logits_from_ids, here=True), m.predictor.pool,
+                                     max_wait_ms=settings.max_wait_ms, max_batch_texts=settings.max_batch_texts,
+                                     max_batch_tokens=settings.max_batch_tokens, max_in_flight=m.predictor.workers,
                                      on_batch=lambda n, t, s, name=m.name: metrics.observe_batch(name, n, t, s))
             m.batcher.start()
         for m in models.values():  # the first run of a model pays one-off costs: not a user's request
@@ -123,7 +123,6 @@ def create_app(folders: Sequence[str | os.PathLike] = (), settings: ServeSetting
         finally:
             state["ready"] = False
             await asyncio.gather(*(m.batcher.stop(settings.graceful_timeout) for m in models.values()))
-            model_thread.shutdown(wait=True)
             app.state.tokenizer_thread.shutdown(wait=True)
 
     app = FastAPI(title="Potluck", version=__version__, lifespan=lifespan,

@@ -2,11 +2,12 @@
 
 A request's texts are tokenized on a tokenizer thread, then queued. A collector task takes the first
 waiting request, lets others join for at most `max_wait_ms` (or until the batch holds `max_batch_texts`
-texts or `max_batch_tokens` padded tokens), and runs the whole batch on the model thread, so the event
-loop never waits on the model. Each request gets its own rows back. While one batch runs, the next one
-fills up, so a busy server runs large batches and an idle one answers a lone request after at most
-`max_wait_ms`. (Written here because no library in our stack batches across requests; the idea is the
-dynamic batcher of Triton and text-embeddings-inference.)
+texts or `max_batch_tokens` padded tokens), and runs the whole batch on a model thread, so the event
+loop never waits on the model. Each request gets its own rows back. Up to `max_in_flight` batches run
+at once (one per model worker thread); while they run, the next one fills up, so a busy server runs
+large batches and an idle one answers a lone request after at most `max_wait_ms`. (Written here
+because no library in our stack batches across requests; the idea is the dynamic batcher of Triton
+and text-embeddings-inference.)
 """
 
 from __future__ import annotations
@@ -38,28 +39,31 @@ class MicroBatcher:
 
     def __init__(self, run: Callable[[Sequence[Sequence[int]]], np.ndarray], executor: Executor, *,
                  max_wait_ms: float = 3.0, max_batch_texts: int = 64, max_batch_tokens: int = 8192,
-                 on_batch: Callable[[int, int, float], None] | None = None):
+                 max_in_flight: int = 1, on_batch: Callable[[int, int, float], None] | None = None):
         self.run = run
         self.executor = executor
         self.max_wait_ms = max_wait_ms
         self.max_batch_texts = max_batch_texts
         self.max_batch_tokens = max_batch_tokens
+        self.max_in_flight = max_in_flight
         self.on_batch = on_batch  # called with (texts, padded tokens, seconds) after each model run
         self._queue: asyncio.Queue[_Job] | None = None
         self._task: asyncio.Task | None = None
         self._carry: _Job | None = None
-        self._busy = False
+        self._running: set[asyncio.Task] = set()
+        self._slots: asyncio.Semaphore | None = None
 
     def start(self) -> None:
         """Start the collector task on the running event loop."""
         self._queue = asyncio.Queue()
+        self._slots = asyncio.Semaphore(self.max_in_flight)
         self._task = asyncio.get_running_loop().create_task(self._collect(), name="potluck-batcher")
 
     @property
     def pending(self) -> int:
-        """Requests waiting or running (for /metrics and a graceful stop)."""
+        """Requests waiting, and batches running (for /metrics and a graceful stop)."""
         queued = self._queue.qsize() if self._queue else 0
-        return queued + (self._carry is not None) + self._busy
+        return queued + (self._carry is not None) + len(self._running)
 
     async def submit(self, ids: list[list[int]]) -> np.ndarray:
         """Queue token ids of one request; returns their logits (len(ids), C) in the same order."""
@@ -86,12 +90,19 @@ class MicroBatcher:
 
     async def _collect(self) -> None:
         while True:
-            jobs = await self._gather()
-            self._busy = True
+            await self._slots.acquire()  # a model thread is free: gather the next batch for it
             try:
-                await self._run(jobs)
-            finally:
-                self._busy = False
+                jobs = await self._gather()
+            except BaseException:
+                self._slots.release()
+                raise
+            task = asyncio.get_running_loop().create_task(self._run(jobs))
+            self._running.add(task)
+            task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task) -> None:
+        self._running.discard(task)
+        self._slots.release()
 
     async def _gather(self) -> list[_Job]:
         """The first waiting job plus whatever joins within max_wait_ms and fits the budget."""
