@@ -1,6 +1,6 @@
 """Inference speed: transformers' pipeline against Potluck's Predictor in fp32, bf16 and int8, one run.
 
-    flock /tmp/potluck-cpu.lock .venv/bin/python benchmarks/inference.py            # 2000 texts, 3 rounds
+    flock /tmp/potluck-cpu.lock .venv/bin/python benchmarks/inference.py            # 2000 texts, 5 rounds
     .venv/bin/python benchmarks/inference.py --quick                                 # 300 texts, 1 round
 
 The model: all-MiniLM-L6-v2 (embedded) with a 4-label head fine-tuned by Potluck on 1000 examples of
@@ -108,7 +108,7 @@ def _settings(p) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--texts", type=int, default=2000)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--model", type=Path, default=MODEL, help="a model folder (built here if missing)")
     parser.add_argument("--quick", action="store_true", help="300 texts, 1 round")
     parser.add_argument("--out", default="inference", help="results name under benchmarks/results/")
