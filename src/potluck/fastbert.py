@@ -7,12 +7,17 @@
 Why write the forward pass again (as nanoGPT does for GPT-2, and text-embeddings-inference for BERT)?
 
 - Padding: a batch with more than 10 % padding is run *packed*. The linear layers and the
-  feed-forward (~95 % of the work at 128 tokens) run on the real tokens only; attention scatters
-  them into a padded (B, heads, T, d) view for `scaled_dot_product_attention` and gathers them back.
-  A server batch gathered from concurrent requests has random lengths; it pays for no padding here.
+  feed-forward (~95 % of the work at 128 tokens) run on the real tokens only; attention sorts the
+  texts by length and, per block of similar lengths, scatters them into a padded (b, heads, T, d)
+  view for `scaled_dot_product_attention` and gathers them back (the CPU kernel's cost grows with
+  the padded grid, so one block for a batch of lengths 20 to 128 would pay for 128 everywhere).
+  A server batch gathered from concurrent requests has random lengths; it pays for little padding.
   A length-sorted batch with little padding runs as a plain (B, T) grid: there the scatter and
   gather (slow in bf16) would cost more than the padding they save.
-- One query/key/value matmul instead of three, and no per-call mask building.
+- The last layer computes [CLS] only: its attention has one query per text, its feed-forward one row.
+- One query/key/value matmul instead of three; `pack()` lays the weights out for oneDNN once, with
+  the bias and the activation inside the matmul (what torch.compile's freezing does, without the
+  seconds of compiling).
 - Start-up: `potluck predict` needs torch, safetensors and tokenizers only; importing transformers'
   BERT and auto classes costs seconds before the first answer.
 
