@@ -86,12 +86,8 @@ def batched_logits(model, ids: Sequence[Sequence[int]], *, pad_id: int, bf16: bo
     was_training = model.training
     model.eval()
     device = torch.device(device)
-    out = np.zeros((len(ids), model.config.num_labels), dtype=np.float32)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-        for batch in inference_batches([len(row) for row in ids], batch_size, max_tokens):
-            input_ids, mask = pad([ids[i] for i in batch], pad_id)  # (B, T)
-            logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits  # (B, C)
-            out[batch] = logits.float().cpu().numpy()
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):  # autocast is per thread: run here
+        out = run_batches(model, ids, pad_id=pad_id, device=device, batch_size=batch_size, max_tokens=max_tokens)
     model.train(was_training)
     return out
 
