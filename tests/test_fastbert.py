@@ -12,7 +12,7 @@ import pytest
 import torch
 from serving_helpers import tiny_model
 
-from potluck.fastbert import FastBert, FastTokenizer, supports
+from potluck.fastbert import FastBert, FastTokenizer, round_up, supports
 from potluck.inference import Predictor
 
 TEXTS = ["server down now", "Thanks for the GREAT call next week!", "payment failed", "", "hello",
@@ -75,6 +75,25 @@ def test_attention_blocks_of_similar_lengths_change_nothing(slack):
     rows = [[2, *rng.integers(5, 120, size=n).tolist(), 3] for n in rng.integers(0, 100, size=17)]
     ref = np.concatenate([model(input_ids=torch.tensor([r])).logits.detach().numpy() for r in rows])
     np.testing.assert_allclose(runner.classify(rows).numpy(), ref, atol=2e-5)
+
+
+@pytest.mark.parametrize("pack_below,row_step", [(1.01, 0), (1.01, 4), (1.01, 64), (0.0, 16)])
+def test_spare_rows_change_nothing(pack_below, row_step):
+    """The rows of a batch are rounded up with spare rows at the end (packed or grid): same logits."""
+    model = random_bert()
+    runner = FastBert.from_model(model)
+    runner.pack_below, runner.row_step = pack_below, row_step
+    rng = np.random.default_rng(2)
+    rows = [[2, *rng.integers(5, 120, size=n).tolist(), 3] for n in rng.integers(0, 100, size=9)]
+    ref = np.concatenate([model(input_ids=torch.tensor([r])).logits.detach().numpy() for r in rows])
+    np.testing.assert_allclose(runner.classify(rows).numpy(), ref, atol=2e-5)
+
+
+def test_round_up_keeps_few_shapes_and_little_waste():
+    assert [round_up(n, 16) for n in (1, 16, 17, 100, 128, 129, 1000, 1030)] == [1, 16, 17, 100, 128, 136, 1024, 1088]
+    assert all(n <= round_up(n, 16) <= n * 17 / 16 for n in range(1, 20_000))
+    assert len({round_up(n, 16) for n in range(1, 16_385)}) <= 16 * 11
+    assert round_up(1000, 0) == 1000
 
 
 def test_length_blocks():

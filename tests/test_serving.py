@@ -17,7 +17,7 @@ from serving_helpers import Server, tiny_model
 from potluck.inference import Predictor
 from potluck.serving.app import create_app
 from potluck.serving.auth import KeyRing
-from potluck.serving.batcher import MicroBatcher
+from potluck.serving.batcher import MicroBatcher, in_thread
 from potluck.serving.settings import ServeSettings
 
 KEY = "a-long-enough-test-token-0123456789"
@@ -126,6 +126,17 @@ def test_two_models_get_a_route_each_and_no_default(folders):
         assert [m["name"] for m in c.get("/info").json()["models"]] == ["urgency", "intent"]
 
 
+@pytest.mark.parametrize("processes", [True, False])
+def test_model_processes_and_model_threads_give_the_same_answers(folders, reference, processes):
+    texts = ["server down now", "thanks great love", "payment failed today"]
+    with TestClient(create_app(folders, ServeSettings(precision="fp32", processes=processes))) as c:
+        assert (c.app.state.processes is not None) == processes
+        ranked = c.post("/v1/models/urgency/predict", json={"inputs": texts}).json()
+    expected = reference.predict_proba(texts)
+    for row, answer in zip(expected, ranked, strict=True):
+        assert abs(answer[0]["score"] - row.max()) < 1e-5
+
+
 # -- service routes ---------------------------------------------------------------------------------
 
 def test_health_ready_info_docs(client):
@@ -197,7 +208,7 @@ def run_batcher(jobs, **kwargs):
         return np.array([[float(row[0]), -float(row[0])] for row in ids])
 
     async def main():
-        batcher = MicroBatcher(run, ThreadPoolExecutor(1), **kwargs)
+        batcher = MicroBatcher(in_thread(run, ThreadPoolExecutor(1)), **kwargs)
         batcher.start()
         results = await asyncio.gather(*(batcher.submit(job) for job in jobs))
         await batcher.stop()
@@ -237,7 +248,7 @@ def test_batcher_runs_up_to_max_in_flight_batches_at_once():
         return np.array([[float(row[0]), 0.0] for row in ids])
 
     async def main():
-        batcher = MicroBatcher(run, ThreadPoolExecutor(2), max_wait_ms=0, max_batch_texts=1, max_in_flight=2)
+        batcher = MicroBatcher(in_thread(run, ThreadPoolExecutor(2)), max_wait_ms=0, max_batch_texts=1, max_in_flight=2)
         batcher.start()
         results = await asyncio.gather(*(batcher.submit([[i]]) for i in range(6)))
         await batcher.stop()
@@ -254,7 +265,7 @@ def test_batcher_passes_a_model_error_to_each_request():
         raise RuntimeError("boom")
 
     async def main():
-        batcher = MicroBatcher(broken, ThreadPoolExecutor(1), max_wait_ms=50)
+        batcher = MicroBatcher(in_thread(broken, ThreadPoolExecutor(1)), max_wait_ms=50)
         batcher.start()
         results = await asyncio.gather(batcher.submit([[1]]), batcher.submit([[2]]), return_exceptions=True)
         await batcher.stop()

@@ -59,16 +59,17 @@ def init(ctx: Context, device: torch.device) -> None:
     """Join the process group once (gloo on CPU, NCCL on CUDA); a no-op in a single process."""
     if not ctx.enabled or dist.is_initialized():
         return
-    _die_with_parent()
+    die_with_parent()
     if device.type == "cuda":
         torch.cuda.set_device(ctx.local_rank)
     dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     logger.info("rank %d of %d joined (%s)", ctx.rank, ctx.world_size, dist.get_backend())
 
 
-def _die_with_parent() -> None:
-    """Linux: end this rank when torchrun's agent (its parent) dies, e.g. killed with -9. Otherwise the
-    ranks run on as orphans, writing checkpoints, until a write to the dead parent's pipe ends them."""
+def die_with_parent() -> None:
+    """Linux: end this process when its parent dies, e.g. killed with -9: a rank when torchrun's agent
+    dies (otherwise the ranks run on as orphans, writing checkpoints, until a write to the dead
+    parent's pipe ends them), a model process of `potluck serve` when the server dies."""
     if not sys.platform.startswith("linux"):
         return
     import ctypes

@@ -103,9 +103,11 @@ class _Layer(nn.Module):
             if block.where is not None and first is None:
                 context = context[block.where]  # (tokens, H)
             contexts.append(context)
-        context = contexts[0] if len(contexts) == 1 else torch.cat(contexts)  # (N or B, H)
+        context = contexts[0] if len(contexts) == 1 else torch.cat(contexts)  # (tokens or B, H)
         if first is not None:
             x = x[first]
+        elif len(context) < len(x):  # x has spare rows past the tokens (see round_up): zeros for them
+            context = F.pad(context, (0, 0, 0, len(x) - len(context)))  # (N, H)
         x = self.attn_norm(x + self.dense("attn_out", context))
         return self.ff_norm(x + self.dense("ff_out", self.dense("ff_in", x, activate=True)))
 
@@ -136,6 +138,18 @@ class _Block:
                 offsets = np.repeat(np.arange(rows) * longest - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths)
                 block.where = torch.from_numpy(np.arange(int(lengths.sum())) + offsets).to(device)
         return block
+
+
+def round_up(rows: int, step: int) -> int:
+    """`rows` rounded up to a multiple of 1/`step` of the power of two below it (at most 1/step more
+    rows): 100 -> 100, 1000 -> 1024, 1030 -> 1088 for step 16. oneDNN builds a kernel for each matmul
+    shape it meets and keeps the last 1024; a server's batches have ever new numbers of tokens, and
+    building them cost 25 % of the forward pass here (batches of 10 random texts, fresh shapes against
+    repeated ones). Rounded, a few hundred shapes cover every batch up to 16k tokens."""
+    if step <= 0 or rows <= step:
+        return rows
+    grain = 1 << max(0, rows.bit_length() - 1 - step.bit_length() + 1)
+    return -(-rows // grain) * grain
 
 
 def length_blocks(lengths: np.ndarray, slack: float) -> list[tuple[int, int]]:
@@ -171,6 +185,7 @@ class FastBert(nn.Module):
         self.classifier = nn.Linear(hidden, self.num_labels)
         self.pack_below = 0.9  # pack a batch when real tokens are under this share of its (B, T) grid
         self.block_slack = 0.8  # packed: attention blocks hold texts of >= 80 % of their longest's length
+        self.row_step = 16  # rows per matmul rounded up to 1/16 of their power of two (see round_up)
         self.eval()
 
     # -- loading ------------------------------------------------------------------------------
@@ -246,6 +261,10 @@ class FastBert(nn.Module):
             positions = np.arange(total) - np.repeat(starts, lengths)  # (N,)
             blocks = [_Block.of(lengths[i:j], int(starts[i]), grid=False, device=device)
                       for i, j in length_blocks(lengths, self.block_slack)]
+        rows_run = round_up(len(ids), self.row_step)
+        if rows_run > len(ids):  # spare rows at the end: no block reads them, no text sees them
+            ids = np.concatenate([ids, np.zeros(rows_run - len(ids), dtype=np.int64)])
+            positions = np.concatenate([positions, np.zeros(rows_run - len(positions), dtype=np.int64)])
         ids, positions = torch.from_numpy(ids).to(device), torch.from_numpy(positions).to(device)
         x = self.embed_norm(self.word(ids) + self.position(positions) + self.token_type.weight[0])  # (N, H)
         first = torch.from_numpy(starts).to(device)  # (B,) each row's [CLS]

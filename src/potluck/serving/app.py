@@ -38,11 +38,12 @@ from potluck.calibration import softmax
 from potluck.errors import UserError
 from potluck.inference import Predictor
 from potluck.serving.auth import KeyRing
-from potluck.serving.batcher import MicroBatcher
+from potluck.serving.batcher import MicroBatcher, in_thread
 from potluck.serving.limits import BodyLimitMiddleware, BodyTooLarge, too_large_message
 from potluck.serving.metrics import Metrics, MetricsMiddleware
 from potluck.serving.schemas import ErrorResponse, Info, Limits, ModelInfo, PredictRequest, PredictResponse
 from potluck.serving.settings import ServeSettings
+from potluck.serving.workers import ModelProcesses
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +51,7 @@ STATIC = Path(__file__).parent / "static"
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 ERRORS = {400: "validation", 401: "unauthorized", 404: "not_found", 405: "not_found", 413: "payload_too_large",
           422: "validation", 503: "unavailable"}
+INLINE_CHARS = 2000  # a request of at most this many characters is tokenized on the event loop
 PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; frame-ancestors 'none'",
                 "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
 
@@ -97,6 +99,21 @@ def load_models(folders: Sequence[str | os.PathLike], precision: str = "auto") -
     return models
 
 
+async def start_processes(models: dict[str, ServedModel], settings: ServeSettings) -> ModelProcesses | None:
+    """The worker processes that run the models (one per worker of the predictors), or None where the
+    models run on threads of this process: --no-processes, or a model that was not loaded from a folder."""
+    predictors = [m.predictor for m in models.values()]
+    if not settings.processes or any(p.folder is None for p in predictors):
+        return None
+    import torch
+
+    count = predictors[0].workers
+    processes = ModelProcesses([p.folder for p in predictors], precision=settings.precision, count=count,
+                               threads=max(1, torch.get_num_threads() // count))
+    await processes.start()
+    return processes
+
+
 def create_app(folders: Sequence[str | os.PathLike] = (), settings: ServeSettings | None = None, *,
                keys: KeyRing | None = None, models: dict[str, ServedModel] | None = None) -> FastAPI:
     """Build the app for model folders (or already loaded `models`); batchers start with the app."""
@@ -108,14 +125,17 @@ def create_app(folders: Sequence[str | os.PathLike] = (), settings: ServeSetting
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         app.state.tokenizer_thread = ThreadPoolExecutor(1, thread_name_prefix="potluck-tokenize")
-        for m in models.values():  # each batch runs whole on one of the predictor's worker threads
-            m.batcher = MicroBatcher(functools.partial(m.predictor.logits_from_ids, here=True), m.predictor.pool,
-                                     max_wait_ms=settings.max_wait_ms, max_batch_texts=settings.max_batch_texts,
+        processes = await start_processes(models, settings)
+        for index, m in enumerate(models.values()):  # each batch runs whole in one model process (or thread)
+            run = (functools.partial(processes.run, index) if processes is not None else
+                   in_thread(functools.partial(m.predictor.logits_from_ids, here=True), m.predictor.pool))
+            m.batcher = MicroBatcher(run, max_wait_ms=settings.max_wait_ms, max_batch_texts=settings.max_batch_texts,
                                      max_batch_tokens=settings.max_batch_tokens, max_in_flight=m.predictor.workers,
                                      on_batch=lambda n, t, s, name=m.name: metrics.observe_batch(name, n, t, s))
             m.batcher.start()
         for m in models.values():  # the first run of a model pays one-off costs: not a user's request
             await m.batcher.submit(m.predictor.encode(["warm up"]))
+        app.state.processes = processes
         state["ready"] = True
         logger.info("ready: %s", ", ".join(models))
         try:
@@ -123,6 +143,8 @@ def create_app(folders: Sequence[str | os.PathLike] = (), settings: ServeSetting
         finally:
             state["ready"] = False
             await asyncio.gather(*(m.batcher.stop(settings.graceful_timeout) for m in models.values()))
+            if processes is not None:
+                await processes.stop()
             app.state.tokenizer_thread.shutdown(wait=True)
 
     app = FastAPI(title="Potluck", version=__version__, lifespan=lifespan,
@@ -132,12 +154,12 @@ def create_app(folders: Sequence[str | os.PathLike] = (), settings: ServeSetting
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     add_error_handlers(app, models, settings)
 
-    def require_key(request: Request) -> None:
+    async def require_key(request: Request) -> None:  # async: a sync dependency would cost a thread hop
         if keys is not None and not keys.check(request.headers.get("authorization")):
             raise ApiError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
                            headers={"WWW-Authenticate": "Bearer"})
 
-    guarded = [Depends(require_key)]
+    guarded = [Depends(require_key)] if keys is not None else []  # no keys: nothing to run per request
     predict_doc = dict(
         response_model=PredictResponse, dependencies=guarded,
         responses={code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 422)},
@@ -190,7 +212,8 @@ def create_app(folders: Sequence[str | os.PathLike] = (), settings: ServeSetting
 
 
 async def predict(request: Request, model: ServedModel, settings: ServeSettings) -> Response:
-    """Parse and check the request, tokenize off the event loop, wait for the batch, rank the labels."""
+    """Parse and check the request, tokenize (a long request off the event loop), wait for the batch,
+    rank the labels."""
     req = parse_request(await request.body())  # a body over the limit raises BodyTooLarge (413)
     texts = req.texts()
     if not texts:
@@ -203,9 +226,12 @@ async def predict(request: Request, model: ServedModel, settings: ServeSettings)
             raise ApiError(413, f"text {i} has {len(text)} characters, more than the limit of "
                                 f"{settings.max_chars}: shorten it")
     truncate = settings.auto_truncate if req.truncate is None else req.truncate
-    loop = asyncio.get_running_loop()
     try:
-        ids = await loop.run_in_executor(request.app.state.tokenizer_thread, model.predictor.encode, texts, truncate)
+        if sum(map(len, texts)) <= INLINE_CHARS:  # ~0.1 ms a short text: less than a hop to the thread costs
+            ids = model.predictor.encode(texts, truncate)
+        else:
+            ids = await asyncio.get_running_loop().run_in_executor(request.app.state.tokenizer_thread,
+                                                                   model.predictor.encode, texts, truncate)
     except UserError as err:
         raise ApiError(422, str(err)) from err
     logits = await model.batcher.submit(ids)  # (N, C)

@@ -2,10 +2,11 @@
 
 A request's texts are tokenized on a tokenizer thread, then queued. A collector task takes the first
 waiting request, lets others join for at most `max_wait_ms` (or until the batch holds `max_batch_texts`
-texts or `max_batch_tokens` padded tokens), and runs the whole batch on a model thread, so the event
-loop never waits on the model. Each request gets its own rows back. Up to `max_in_flight` batches run
-at once (one per model worker thread); while they run, the next one fills up, so a busy server runs
-large batches and an idle one answers a lone request after at most `max_wait_ms`. (Written here
+texts or `max_batch_tokens` padded tokens), and hands the whole batch to `run`, a coroutine that waits
+for a model process (or a model thread, see `in_thread`), so the event loop never waits on the model.
+Each request gets its own rows back. Up to `max_in_flight` batches run at once (one per model process
+or thread); while they run, the next one fills up, so a busy server runs large batches and an idle one
+answers a lone request after at most `max_wait_ms`. (Written here
 because no library in our stack batches across requests; the idea is the dynamic batcher of Triton
 and text-embeddings-inference.)
 """
@@ -15,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
@@ -34,14 +35,23 @@ class _Job:
         self.longest = max(len(row) for row in self.ids)
 
 
-class MicroBatcher:
-    """Batches the requests of one model. `run(ids) -> logits (N, C)` is called on `executor`."""
+Run = Callable[[Sequence[Sequence[int]]], Awaitable[np.ndarray]]
 
-    def __init__(self, run: Callable[[Sequence[Sequence[int]]], np.ndarray], executor: Executor, *,
-                 max_wait_ms: float = 3.0, max_batch_texts: int = 64, max_batch_tokens: int = 8192,
-                 max_in_flight: int = 1, on_batch: Callable[[int, int, float], None] | None = None):
+
+def in_thread(fn: Callable[[Sequence[Sequence[int]]], np.ndarray], executor: Executor) -> Run:
+    """`fn(ids) -> logits (N, C)` as a coroutine that runs it on `executor`'s threads."""
+    async def run(ids: Sequence[Sequence[int]]) -> np.ndarray:
+        return await asyncio.get_running_loop().run_in_executor(executor, fn, ids)
+    return run
+
+
+class MicroBatcher:
+    """Batches the requests of one model. `await run(ids)` gives the logits (N, C) of a batch."""
+
+    def __init__(self, run: Run, *, max_wait_ms: float = 3.0, max_batch_texts: int = 64,
+                 max_batch_tokens: int = 8192, max_in_flight: int = 1,
+                 on_batch: Callable[[int, int, float], None] | None = None):
         self.run = run
-        self.executor = executor
         self.max_wait_ms = max_wait_ms
         self.max_batch_texts = max_batch_texts
         self.max_batch_tokens = max_batch_tokens
@@ -131,7 +141,7 @@ class MicroBatcher:
         ids = [row for job in jobs for row in job.ids]
         started = time.perf_counter()
         try:
-            logits = await asyncio.get_running_loop().run_in_executor(self.executor, self.run, ids)  # (N, C)
+            logits = await self.run(ids)  # (N, C)
         except Exception as err:  # the model failed: every request of the batch gets the error
             logger.exception("model run failed for a batch of %d texts", len(ids))
             for job in jobs:
