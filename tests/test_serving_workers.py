@@ -13,8 +13,14 @@ import pytest
 from serving_helpers import Server, tiny_model
 
 from potluck.inference import Predictor
-from potluck.serving.workers import (ModelProcessError, ModelProcesses, decode_answer, decode_request,
-                                     encode_answer, encode_request)
+from potluck.serving.workers import (
+    ModelProcessError,
+    ModelProcesses,
+    decode_answer,
+    decode_request,
+    encode_answer,
+    encode_request,
+)
 
 TEXTS = ["server down now", "thanks great love", "payment failed today", "hello there", ""]
 
