@@ -258,6 +258,50 @@ def test_batcher_runs_up_to_max_in_flight_batches_at_once():
     assert [r[0, 0] for r in results] == list(range(6)) and sizes == [1] * 6
 
 
+def test_batcher_splits_the_waiting_texts_fairly_between_workers():
+    """Eight requests waiting and two workers: two batches of four, not one of eight and an idle worker."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    both_running = threading.Barrier(2, timeout=10)
+    sizes = []
+
+    def run(ids):
+        sizes.append(len(ids))
+        both_running.wait()
+        return np.zeros((len(ids), 2))
+
+    async def main():
+        batcher = MicroBatcher(in_thread(run, ThreadPoolExecutor(2)), max_wait_ms=1000, max_in_flight=2)
+        batcher.start()
+        # all eight are queued in one go, before the collector first looks
+        await asyncio.gather(*(batcher.submit([[i]]) for i in range(8)))
+        await batcher.stop()
+
+    asyncio.run(main())
+    assert sorted(sizes) == [4, 4]
+
+
+def test_batcher_answers_a_lone_request_at_once():
+    """An idle server has nothing to wait for: a single request runs without waiting max_wait_ms."""
+    results, calls = [], []
+
+    async def main():
+        async def run(ids):
+            calls.append(len(ids))
+            return np.zeros((len(ids), 2))
+
+        batcher = MicroBatcher(run, max_wait_ms=5000, max_in_flight=2)
+        batcher.start()
+        started = time.perf_counter()
+        await batcher.submit([[1]])
+        results.append(time.perf_counter() - started)
+        await batcher.stop()
+
+    asyncio.run(main())
+    assert calls == [1] and results[0] < 1.0
+
+
 def test_batcher_passes_a_model_error_to_each_request():
     from concurrent.futures import ThreadPoolExecutor
 

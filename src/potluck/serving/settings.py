@@ -20,7 +20,7 @@ class ServeSettings:
     max_body_bytes: int = field(default=2_000_000, metadata={"help": "largest request body in bytes (413 beyond)"})
     auto_truncate: bool = field(default=True, metadata={"help": "cut texts longer than the model's max_length when a request does not say `truncate`"})
     processes: bool = field(default=True, metadata={"help": "run the models in worker processes, one per core, so that a model never waits for the HTTP event loop (CPython's GIL); --no-processes runs them on threads of the server process"})
-    max_wait_ms: float = field(default=0.0, metadata={"help": "how long the first request of a batch waits for others to join; at 0 a free model worker runs at once what is queued, and batches grow by themselves while the workers are busy"})
+    max_wait_ms: float = field(default=3.0, metadata={"help": "how long a batch below its fair share of the texts in the server (see potluck.serving.batcher) waits for more to arrive"})
     max_batch_texts: int = field(default=64, metadata={"help": "most texts gathered into one model run"})
     max_batch_tokens: int = field(default=8192, metadata={"help": "most padded tokens gathered into one model run"})
     graceful_timeout: float = field(default=30.0, metadata={"help": "seconds a shutdown waits for requests in flight"})
