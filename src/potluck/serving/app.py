@@ -24,23 +24,21 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
 from potluck import __version__
-from potluck.calibration import softmax
 from potluck.errors import UserError
 from potluck.inference import Predictor
 from potluck.serving.auth import KeyRing
 from potluck.serving.batcher import MicroBatcher, in_thread
 from potluck.serving.limits import BodyLimitMiddleware, BodyTooLarge, too_large_message
 from potluck.serving.metrics import Metrics, MetricsMiddleware
+from potluck.serving.predict import UNAUTHORIZED, ApiError, PredictRoutes, classify, error_body, one_line
 from potluck.serving.schemas import ErrorResponse, Info, Limits, ModelInfo, PredictRequest, PredictResponse
 from potluck.serving.settings import ServeSettings
 from potluck.serving.workers import ModelProcesses
@@ -49,15 +47,8 @@ logger = logging.getLogger(__name__)
 
 STATIC = Path(__file__).parent / "static"
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-ERRORS = {400: "validation", 401: "unauthorized", 404: "not_found", 405: "not_found", 413: "payload_too_large",
-          422: "validation", 503: "unavailable"}
-INLINE_CHARS = 2000  # a request of at most this many characters is tokenized on the event loop
 PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; frame-ancestors 'none'",
                 "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
-
-
-class ApiError(HTTPException):
-    """A 4xx answer with one line that says what is wrong and what to do."""
 
 
 @dataclass
@@ -150,14 +141,15 @@ def create_app(folders: Sequence[str | os.PathLike] = (), settings: ServeSetting
     app = FastAPI(title="Potluck", version=__version__, lifespan=lifespan,
                   description="Text classification with calibrated probabilities. Request and response shapes "
                               "follow text-embeddings-inference's /predict.")
+    routes: dict = {}  # path -> (model, its FastAPI route): PredictRoutes answers them (see potluck.serving.predict)
+    app.add_middleware(PredictRoutes, routes=routes, settings=settings, keys=keys, state=app.state)
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     add_error_handlers(app, models, settings)
 
     async def require_key(request: Request) -> None:  # async: a sync dependency would cost a thread hop
         if keys is not None and not keys.check(request.headers.get("authorization")):
-            raise ApiError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
-                           headers={"WWW-Authenticate": "Bearer"})
+            raise ApiError(401, UNAUTHORIZED, headers={"WWW-Authenticate": "Bearer"})
 
     guarded = [Depends(require_key)] if keys is not None else []  # no keys: nothing to run per request
     predict_doc = dict(
@@ -167,17 +159,23 @@ def create_app(folders: Sequence[str | os.PathLike] = (), settings: ServeSetting
                                        "content": {"application/json": {"schema": PredictRequest.model_json_schema()}}}})
 
     def route(model: ServedModel):
-        async def predict_route(request: Request) -> Response:
-            return await predict(request, model, settings)
+        async def predict_route(request: Request) -> Response:  # the same answers as PredictRoutes gives
+            body = await request.body()  # a body over the limit raises BodyTooLarge (413)
+            answer = await classify(body, model, settings, request.app.state.tokenizer_thread)
+            return Response(answer, media_type="application/json")
         return predict_route
 
+    def add_predict_route(path: str, model: ServedModel, **doc) -> None:
+        app.post(path, tags=["predict"], **doc, **predict_doc)(route(model))
+        routes[path] = (model, app.routes[-1])
+
     for name, model in models.items():
-        app.post(f"/v1/models/{name}/predict", summary=f"Classify texts with '{name}'", tags=["predict"],
-                 operation_id=f"predict_{name}", **predict_doc)(route(model))
+        add_predict_route(f"/v1/models/{name}/predict", model, summary=f"Classify texts with '{name}'",
+                          operation_id=f"predict_{name}")
     if len(models) == 1:
         only = next(iter(models.values()))
-        app.post("/predict", summary=f"Classify texts with '{only.name}' (the only model loaded)",
-                 tags=["predict"], operation_id="predict", **predict_doc)(route(only))
+        add_predict_route("/predict", only, summary=f"Classify texts with '{only.name}' (the only model loaded)",
+                          operation_id="predict")
 
     @app.get("/health", tags=["service"], summary="The process is up")
     async def health() -> dict:
@@ -211,92 +209,30 @@ def create_app(folders: Sequence[str | os.PathLike] = (), settings: ServeSetting
     return app
 
 
-async def predict(request: Request, model: ServedModel, settings: ServeSettings) -> Response:
-    """Parse and check the request, tokenize (a long request off the event loop), wait for the batch,
-    rank the labels."""
-    req = parse_request(await request.body())  # a body over the limit raises BodyTooLarge (413)
-    texts = req.texts()
-    if not texts:
-        raise ApiError(422, "'inputs' is empty: send a text or a list of texts")
-    if len(texts) > settings.max_texts:
-        raise ApiError(413, f"{len(texts)} texts in one request, more than the limit of {settings.max_texts}: "
-                            "split them over several requests")
-    for i, text in enumerate(texts):
-        if len(text) > settings.max_chars:
-            raise ApiError(413, f"text {i} has {len(text)} characters, more than the limit of "
-                                f"{settings.max_chars}: shorten it")
-    truncate = settings.auto_truncate if req.truncate is None else req.truncate
-    try:
-        if sum(map(len, texts)) <= INLINE_CHARS:  # ~0.1 ms a short text: less than a hop to the thread costs
-            ids = model.predictor.encode(texts, truncate)
-        else:
-            ids = await asyncio.get_running_loop().run_in_executor(request.app.state.tokenizer_thread,
-                                                                   model.predictor.encode, texts, truncate)
-    except UserError as err:
-        raise ApiError(422, str(err)) from err
-    logits = await model.batcher.submit(ids)  # (N, C)
-    scores = logits if req.raw_scores else softmax(logits)
-    labels = model.predictor.labels
-    ranked = [[{"label": labels[j], "score": round(float(row[j]), 6)} for j in np.argsort(-row, kind="stable")]
-              for row in scores]
-    return JSONResponse(ranked[0] if isinstance(req.inputs, str) else ranked)
-
-
-def parse_request(body: bytes) -> PredictRequest:
-    """The JSON body as a PredictRequest (whatever the Content-Type, so `curl -d` works), or a 4xx."""
-    if not body.strip():
-        raise ApiError(400, 'empty request body: send JSON such as {"inputs": "a text"}')
-    try:
-        return PredictRequest.model_validate_json(body)
-    except ValidationError as err:
-        first = err.errors()[0]
-        if first["type"] == "json_invalid":
-            raise ApiError(400, f"malformed JSON: {first['ctx']['error']}") from err
-        raise ApiError(422, one_line(err.errors())) from err
-
-
-def one_line(errors: list[dict]) -> str:
-    """pydantic's errors as one line: 'inputs: Input should be a valid string; ...'."""
-    parts: list[str] = []
-    for e in errors:
-        loc = [str(part) for part in e["loc"] if part != "body"]
-        if e["type"] == "value_error":
-            line = f"{loc[0]}: {e['msg'].removeprefix('Value error, ')}"
-        elif e["type"] == "extra_forbidden":
-            line = f"unknown field '{'.'.join(loc)}'"
-        elif loc and loc[0] == "inputs" and e["type"] != "missing":  # a union's errors: say it plainly, once
-            line = "inputs: must be a text or a list of texts"
-        else:
-            line = f"{'.'.join(loc) or 'body'}: {e['msg']}"
-        if line not in parts:
-            parts.append(line)
-    return "; ".join(parts[:3]) + ' (expected {"inputs": "a text" or ["a text", ...]})'
-
-
 def add_error_handlers(app: FastAPI, models: dict[str, ServedModel], settings: ServeSettings) -> None:
     """Every error as {"error": one line, "error_type": ...}; a 404 names the models that exist."""
 
-    def answer(status: int, message: str, headers: dict | None = None) -> JSONResponse:
-        return JSONResponse({"error": message, "error_type": ERRORS.get(status, "internal")}, status_code=status,
-                            headers=headers)
+    def answer(status: int, message: str, headers: dict | None = None) -> Response:
+        return Response(error_body(status, message), status_code=status, headers=headers,
+                        media_type="application/json")
 
     @app.exception_handler(HTTPException)
-    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    async def http_error(request: Request, exc: HTTPException) -> Response:
         message = str(exc.detail)
         if not isinstance(exc, ApiError):
             message = framework_message(request, exc, models)
         return answer(exc.status_code, message, getattr(exc, "headers", None))
 
     @app.exception_handler(BodyTooLarge)
-    async def body_too_large(request: Request, exc: BodyTooLarge) -> JSONResponse:
+    async def body_too_large(request: Request, exc: BodyTooLarge) -> Response:
         return answer(413, too_large_message(settings.max_body_bytes), {"Connection": "close"})
 
     @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    async def validation_error(request: Request, exc: RequestValidationError) -> Response:
         return answer(422, one_line(list(exc.errors())))
 
     @app.exception_handler(Exception)
-    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+    async def internal_error(request: Request, exc: Exception) -> Response:
         logger.exception("internal error on %s %s", request.method, request.url.path)
         return answer(500, f"internal error ({exc.__class__.__name__}); the server log has the details")
 
