@@ -11,8 +11,8 @@ Why processes and not threads: CPython's GIL. A torch op lets go of the GIL whil
 takes it back when it returns; a forward pass makes a few hundred such returns, and each one waits
 while the event loop (HTTP, JSON, routing) holds the GIL, up to the 5 ms switch interval. Measured
 here with MiniLM in bf16 on batches of 10 texts: next to a Python thread busy 25 % of the time, a
-model thread ran 1.7x slower; in the server, model threads spent 7 ms of CPU per text against 3 ms
-offline. A process of its own has a GIL of its own.
+model thread ran 1.3-1.7x slower (two runs); at 32 clients the server ran 1.13x as many texts with
+its models in processes as on threads (alternating runs). A process of its own has a GIL of its own.
 
 Each worker loads every model folder (as `Predictor.from_folder` does, with one intra-op thread),
 warms up, and then answers batches over its stdin and stdout, one at a time, in frames of our own
