@@ -12,7 +12,7 @@ import pytest
 import torch
 from serving_helpers import tiny_model
 
-from potluck.fastbert import FastBert, FastTokenizer, round_up, supports
+from potluck.fastbert import FastBert, FastTokenizer, attention_width, round_up, supports
 from potluck.inference import Predictor
 
 TEXTS = ["server down now", "Thanks for the GREAT call next week!", "payment failed", "", "hello",
@@ -87,6 +87,27 @@ def test_spare_rows_change_nothing(pack_below, row_step):
     rows = [[2, *rng.integers(5, 120, size=n).tolist(), 3] for n in rng.integers(0, 100, size=9)]
     ref = np.concatenate([model(input_ids=torch.tensor([r])).logits.detach().numpy() for r in rows])
     np.testing.assert_allclose(runner.classify(rows).numpy(), ref, atol=2e-5)
+
+
+@pytest.mark.parametrize("step", [1, 16, 4])
+def test_widened_attention_grids_change_nothing(step):
+    """Attention grids widened past the longest text (packed blocks and plain grids): the same logits."""
+    model = random_bert()
+    rng = np.random.default_rng(3)
+    rows = [[2, *rng.integers(5, 120, size=n).tolist(), 3] for n in (12, 13, 14, 27, 28, 60, 61)]
+    ref = np.concatenate([model(input_ids=torch.tensor([r])).logits.detach().numpy() for r in rows])
+    for pack_below in (1.01, 0.0):
+        runner = FastBert.from_model(model)
+        runner.pack_below, runner.attend_step = pack_below, step
+        np.testing.assert_allclose(runner.classify(rows).numpy(), ref, atol=2e-5)
+        same = [r[:14] for r in rows]  # equal lengths: a grid with no padding, widened to 16
+        np.testing.assert_allclose(runner.classify(same).numpy(),
+                                   model(input_ids=torch.tensor(same)).logits.detach().numpy(), atol=2e-5)
+
+
+def test_attention_width():
+    assert [attention_width(n) for n in (1, 8, 9, 15, 16, 40, 41, 47, 100, 126)] == [1, 8, 16, 16, 16, 40, 48, 48, 100, 128]
+    assert attention_width(47, 1) == 47
 
 
 def test_round_up_keeps_few_shapes_and_little_waste():
