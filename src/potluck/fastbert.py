@@ -15,6 +15,10 @@ Why write the forward pass again (as nanoGPT does for GPT-2, and text-embeddings
   A length-sorted batch with little padding runs as a plain (B, T) grid: there the scatter and
   gather (slow in bf16) would cost more than the padding they save.
 - The last layer computes [CLS] only: its attention has one query per text, its feed-forward one row.
+- Shapes that the kernels like: a batch's rows are rounded up to one of a few hundred sizes (`round_up`:
+  oneDNN reuses the kernel it built for a shape), and an attention grid is widened to the next
+  multiple of 16 positions where that adds under 8 (`attention_width`: the CPU flash attention's
+  tail for the remainder is slow).
 - One query/key/value matmul instead of three; `pack()` lays the weights out for oneDNN once, with
   the bias and the activation inside the matmul (what torch.compile's freezing does, without the
   seconds of compiling).
