@@ -12,9 +12,10 @@ the latency goal uses short texts (sst2_sentences test, 5-15 words). The offline
 `Predictor.predict_proba` on the same texts in big length-sorted batches, in this process, while the
 servers are idle.
 
-This machine's speed moves by 2x within minutes, so every measurement of a level is paired with an
-offline measurement taken just before it, and the share of offline is the median over rounds of
-those paired ratios (the rounds go through the levels in turn).
+This machine's speed moves by 2x within minutes, so every measurement of a level is paired with the
+mean of the offline runs just before and just after it, and the share of offline is the median over
+rounds of those paired ratios (the rounds go through the levels in turn). Processes against threads
+at 32 clients is the median of the per-round ratios of their throughputs (measured a minute apart).
 
 The load generator is a minimal HTTP/1.1 keep-alive client on asyncio streams, one connection per
 client, so that it takes little of the CPU the server needs (its CPU seconds are reported). Each level
@@ -191,11 +192,14 @@ def main() -> None:
         print(f"1 client, short texts: p50 {latency['p50_ms']} ms, p99 {latency['p99_ms']} ms", flush=True)
         plan = [("processes", clients) for clients in LEVELS] + [("threads", 32)]
         for round_ in range(args.rounds):
+            offline_before = offline_throughput(predictor, texts)
             for mode, clients in plan:
-                offline = offline_throughput(predictor, texts)
                 before = batch_counters(ports[mode], name)
                 level = asyncio.run(load(ports[mode], path, bodies, clients, args.seconds))
                 after = batch_counters(ports[mode], name)
+                offline_after = offline_throughput(predictor, texts)
+                offline = (offline_before + offline_after) / 2  # the anchor: runs just before and just after
+                offline_before = offline_after
                 level["offline_texts_per_s"] = round(offline, 1)
                 level["share_of_offline"] = round(level["texts_per_s"] / offline, 3)
                 level["texts_per_model_run"] = round((after[0] - before[0]) / max(1.0, after[1] - before[1]), 1)
@@ -231,7 +235,8 @@ def main() -> None:
                               "workers": predictor.workers},
         "latency_1_client_short_texts": latency, "levels": levels,
         "threads_instead_of_processes_32_clients": threads32,
-        "processes_vs_threads_32_clients": round(at32["texts_per_s"] / threads32["texts_per_s"], 2),
+        "processes_vs_threads_32_clients": round(statistics.median(
+            p["texts_per_s"] / t["texts_per_s"] for p, t in zip(at32["rounds"], threads32["rounds"], strict=True)), 2),
         "cold_start": cold, "goals": goals,
         "load_average_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)]})
     print(f"wrote {path_out}")
