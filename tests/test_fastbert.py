@@ -105,6 +105,17 @@ def test_widened_attention_grids_change_nothing(step):
                                    model(input_ids=torch.tensor(same)).logits.detach().numpy(), atol=2e-5)
 
 
+def test_loading_skips_random_init_only_while_it_builds(folder):
+    """The runner's weights are the folder's, and nn.Linear draws random weights again afterwards."""
+    from safetensors.torch import load_file
+
+    runner = FastBert.from_folder(folder)
+    saved = load_file(folder / "model.safetensors")
+    torch.testing.assert_close(runner.classifier.weight, saved["classifier.weight"])
+    torch.testing.assert_close(runner.word.weight, saved["bert.embeddings.word_embeddings.weight"])
+    assert torch.nn.Linear(64, 64).weight.abs().sum() > 0
+
+
 def test_attention_width():
     assert [attention_width(n) for n in (1, 8, 9, 15, 16, 40, 41, 47, 100, 126)] == [1, 8, 16, 16, 16, 40, 48, 48, 100, 128]
     assert attention_width(47, 1) == 47
