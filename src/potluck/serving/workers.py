@@ -12,7 +12,8 @@ takes it back when it returns; a forward pass makes a few hundred such returns, 
 while the event loop (HTTP, JSON, routing) holds the GIL, up to the 5 ms switch interval. Measured
 here with MiniLM in bf16 on batches of 10 texts: next to a Python thread busy 25 % of the time, a
 model thread ran 1.3-1.7x slower (two runs); at 32 clients the server ran 1.13x as many texts with
-its models in processes as on threads (alternating runs). A process of its own has a GIL of its own.
+its models in processes as on threads (alternating runs), and 0.98-1.20x once the pure-ASGI predict
+route had halved the server's own work per request. A process of its own has a GIL of its own.
 
 Each worker loads every model folder (as `Predictor.from_folder` does, with one intra-op thread),
 warms up, and then answers batches over its stdin and stdout, one at a time, in frames of our own
