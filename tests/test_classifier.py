@@ -150,3 +150,17 @@ def test_the_new_head_gets_its_own_learning_rate(tiny_encoder):
         assert len(in_head) == 1 and group["lr"] == (1e-2 if in_head.pop() else 1e-4)
     same = make_optimizer(model, FinetuneSettings(learning_rate=1e-4, head_learning_rate=0))
     assert {g["lr"] for g in same.param_groups} == {1e-4}
+
+
+@pytest.mark.parametrize("kind,runs", [("amx", "bf16"), ("avx2", "fp32")])
+def test_training_precision_follows_the_cpu(tiny_encoder, kind, runs):
+    """Fine-tuning asks potluck.hardware too: bf16 autocast where the CPU has native bf16 (the AMX path's
+    logic, pretended on any host), fp32 where it would be emulated (the AVX2 fallback)."""
+    from conftest import toy_texts
+
+    from potluck.hardware import pretend
+
+    texts, labels = toy_texts(40)
+    with pretend(kind):
+        clf = TextClassifier(base=tiny_encoder, **{**FAST, "epochs": 1, "precision": "bf16"}).fit(texts, labels)
+    assert clf.training_summary()["precision"] == runs

@@ -71,6 +71,20 @@ def test_finetune_predict_evaluate_round_trip(model_dir, train_file, tmp_path):
     assert metrics["accuracy"] > 0.9 and "ece" in metrics and set(metrics["per_class"]) == {"calm", "urgent"}
 
 
+def test_bf16_on_a_cpu_without_it_runs_fp32_and_says_so_in_one_line(model_dir):
+    """The AVX2 fallback as a user meets it (POTLUCK_CPU pretends the CPU kind): one note, the fp32 answers."""
+    import os
+
+    env = {**os.environ, "POTLUCK_CPU": "avx2"}
+    asked = subprocess.run([*POTLUCK, "predict", str(model_dir), "server down now", "--precision", "bf16"],
+                           capture_output=True, text=True, env=env, timeout=300)
+    assert asked.returncode == 0 and "Traceback" not in asked.stderr, asked.stderr
+    lines = [line for line in asked.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("note: bf16 asked, running fp32 instead:"), asked.stderr
+    assert "avx2" in lines[0]
+    assert asked.stdout == run("predict", model_dir, "server down now", "--precision", "fp32").stdout
+
+
 def test_missing_file(tmp_path):
     assert_one_line_error(run("finetune", "--data", tmp_path / "nope.csv", "--out", tmp_path / "m"),
                           "nope.csv", "no such file")

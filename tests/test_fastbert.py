@@ -138,22 +138,52 @@ def test_length_blocks():
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
 @pytest.mark.parametrize("act", ["gelu", "relu", "gelu_new"])
-def test_packed_weights_compute_the_same_function(act):
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_packed_weights_compute_the_same_function(act, dtype):
     """pack() lays the weights out for oneDNN with bias and activation fused: the same logits as the
     plain layers, in fp32 to float rounding and in bf16 to bf16 rounding."""
     import copy
 
+    from potluck.hardware import real_cpu
+
+    if dtype == "bf16" and not real_cpu().onednn_bf16:
+        pytest.skip(f"oneDNN packs bf16 only with AVX512BW/VL/DQ or AVX-NE-CONVERT; this CPU is {real_cpu().describe()}")
     runner = FastBert.from_model(random_bert(hidden_act=act))
     rng = np.random.default_rng(2)
     rows = [[2, *rng.integers(5, 120, size=n).tolist(), 3] for n in (0, 9, 40, 41, 17, 120)]
-    for dtype, atol in ((torch.float32, 1e-4), (torch.bfloat16, 0.1)):
-        plain = copy.deepcopy(runner).to(dtype)
-        packed = copy.deepcopy(plain).pack(rows=64)
-        assert all(layer.packed for layer in packed.layers)
-        np.testing.assert_allclose(packed.classify(rows).numpy(), plain.classify(rows).numpy(), atol=atol)
-    reference = runner.classify(rows).numpy()
-    bf16 = copy.deepcopy(runner).to(torch.bfloat16).pack().classify(rows).numpy()
-    assert (bf16.argmax(1) == reference.argmax(1)).mean() >= 5 / 6
+    torch_dtype, atol = {"fp32": (torch.float32, 1e-4), "bf16": (torch.bfloat16, 0.1)}[dtype]
+    plain = copy.deepcopy(runner).to(torch_dtype)
+    packed = copy.deepcopy(plain).pack(rows=64)
+    assert all(layer.packed for layer in packed.layers)
+    np.testing.assert_allclose(packed.classify(rows).numpy(), plain.classify(rows).numpy(), atol=atol)
+    if dtype == "bf16":
+        reference = runner.classify(rows).numpy()
+        assert (packed.classify(rows).numpy().argmax(1) == reference.argmax(1)).mean() >= 5 / 6
+
+
+def test_weights_that_cannot_be_packed_run_unpacked_and_say_so(monkeypatch, caplog):
+    """Where oneDNN refuses to pack (bf16 on an AVX2 CPU raises), pack() leaves the plain layers,
+    which compute the same function, and says so once in one line."""
+    import copy
+    import logging
+
+    from potluck import fastbert, hardware
+
+    def refuse(self, rows):
+        raise RuntimeError("mkldnn_reorder_linear_weight: bf16 path needs the cpu support avx_ne_convert or "
+                           "avx512bw, avx512vl and avx512dq\nmore detail")
+
+    monkeypatch.setattr(fastbert._Layer, "pack", refuse)
+    hardware._said.clear()
+    runner = FastBert.from_model(random_bert())
+    rows = [[2, 7, 9, 3], [2, 5, 3]]
+    with caplog.at_level(logging.WARNING):
+        packed = copy.deepcopy(runner).pack()
+        copy.deepcopy(runner).pack()
+    assert not any(layer.packed for layer in packed.layers)
+    np.testing.assert_allclose(packed.classify(rows).numpy(), runner.classify(rows).numpy(), atol=1e-6)
+    said = [r.getMessage() for r in caplog.records if "not packed" in r.getMessage()]
+    assert len(said) == 1 and "bf16 path needs" in said[0] and "\n" not in said[0]
 
 
 def test_same_logits_and_ids_on_a_saved_folder(folder):

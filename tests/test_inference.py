@@ -6,7 +6,8 @@ import torch
 from serving_helpers import tiny_model
 
 from potluck.errors import UserError
-from potluck.inference import Predictor, batched_logits, cpu_has_bf16, use_bf16
+from potluck.hardware import pretend, real_cpu
+from potluck.inference import Predictor, batched_logits
 
 TEXTS = ["server down now", "thanks for the great call next week", "payment failed",
          "hello", "the site is down and customers cannot pay today please help now",
@@ -70,24 +71,55 @@ def test_learned_something_and_labels_follow_the_config(fp32):
 
 @pytest.mark.parametrize("precision,max_dp", [("bf16", 0.03), ("int8", 0.05)])
 def test_faster_precisions_agree_with_fp32(folder, fp32, precision, max_dp):
+    """On this host: bf16 runs where the CPU has native bf16 (else fp32, see the fallback tests), int8 everywhere."""
     from conftest import toy_texts
 
     texts, _ = toy_texts(200, seed=5)
     other = Predictor.from_folder(folder, precision=precision)
-    assert other.precision_used == precision
+    runs = precision if precision == "int8" or real_cpu().native_bf16 else "fp32"
+    assert other.precision_used == runs
     ref, got = fp32.predict_proba(texts), other.predict_proba(texts)
     assert np.abs(got - ref).max() < max_dp
     assert np.mean(got.argmax(1) == ref.argmax(1)) >= 0.99
     # the model we were given stays fp32 (it is what gets saved); the runner is a converted copy
     assert next(other.model.parameters()).dtype == torch.float32
-    if precision == "bf16":
+    if runs == "bf16":
         assert next(other.runner.parameters()).dtype == torch.bfloat16
+        assert all(layer.packed for layer in other.runner.layers)  # packed for oneDNN
 
 
 def test_auto_means_bf16_only_where_the_cpu_has_it(folder):
-    auto = Predictor.from_folder(folder, precision="auto")
-    assert auto.precision_used == ("bf16" if cpu_has_bf16() else "fp32")
-    assert use_bf16("fp32") is False and use_bf16("bf16") is True and use_bf16("int8") is False
+    assert Predictor.from_folder(folder, precision="auto").precision_used == (
+        "bf16" if real_cpu().native_bf16 else "fp32")
+    with pretend("avx2"):
+        assert Predictor.from_folder(folder, precision="auto").precision_used == "fp32"
+
+
+def test_bf16_on_a_cpu_without_native_bf16_runs_fp32(folder, fp32, caplog):
+    """The AVX2 fallback, on any host: bf16 asked, fp32 runs (the same answers), one line says why."""
+    import logging
+
+    from potluck import hardware
+
+    hardware._said.clear()
+    with pretend("avx2"), caplog.at_level(logging.WARNING):
+        p = Predictor.from_folder(folder, precision="bf16")
+        Predictor.from_folder(folder, precision="bf16")
+    assert p.precision_used == "fp32" and p.runner is p.reference
+    assert "running fp32 instead" in p.plan.note
+    np.testing.assert_allclose(p.predict_proba(TEXTS), fp32.predict_proba(TEXTS), atol=1e-6)
+    assert sum("bf16 asked" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_bf16_path_logic_where_amx_is_pretended(folder, fp32):
+    """The AMX path on any host: a bf16 copy, packed for oneDNN where this CPU can pack bf16 (on an
+    AVX2 host the packing fails and the copy runs unpacked: the fallback inside pack())."""
+    with pretend("amx"):
+        p = Predictor.from_folder(folder, precision="bf16")
+    assert p.precision_used == "bf16" and next(p.runner.parameters()).dtype == torch.bfloat16
+    assert all(bool(layer.packed) == real_cpu().onednn_bf16 for layer in p.runner.layers)
+    got, ref = p.predict_proba(TEXTS), fp32.predict_proba(TEXTS)
+    assert np.abs(got - ref).max() < 0.03
 
 
 def test_empty_input_gives_an_empty_answer(fp32):

@@ -253,10 +253,17 @@ class FastBert(nn.Module):
         weights are laid out for the CPU's matmul once instead of on every call, and the bias and the
         activation run inside the matmul. `rows`: the typical rows per call, a hint. Call it last
         (after `.to(dtype)`): a packed runner stays on the CPU in that dtype. Returns self; unchanged
-        where torch has no oneDNN."""
+        where torch has no oneDNN or oneDNN cannot pack this dtype on this CPU (said once)."""
         if torch.backends.mkldnn.is_available() and self.word.weight.device.type == "cpu":
-            for layer in self.layers:
-                layer.pack(rows)
+            try:
+                for layer in self.layers:
+                    layer.pack(rows)
+            except RuntimeError as error:  # e.g. bf16 on a CPU without AVX512BW/VL/DQ or AVX-NE-CONVERT
+                from potluck.hardware import say_once
+
+                for layer in self.layers:
+                    layer.packed = {}
+                say_once(f"weights not packed for oneDNN, plain matmuls run instead: {str(error).splitlines()[0]}")
         return self
 
     # -- running ------------------------------------------------------------------------------

@@ -27,7 +27,8 @@ from potluck import distributed
 from potluck.batching import pad, training_batches
 from potluck.errors import UserError
 from potluck.fileio import atomic_write_json
-from potluck.inference import batched_logits, use_bf16
+from potluck.hardware import plan_precision
+from potluck.inference import batched_logits
 
 logger = logging.getLogger(__name__)
 
@@ -163,7 +164,7 @@ def run(model, train_ids: list[list[int]], train_labels: np.ndarray, valid_ids: 
     distributed.init(ctx, device)
     model.to(device)
     frozen = freeze_word_embeddings(model) if not settings.train_word_embeddings else []
-    bf16 = use_bf16(settings.precision, device)
+    bf16 = plan_precision(settings.precision, device, purpose="training").bf16
     attention = model.config._attn_implementation
     if bf16 and device.type == "cpu" and attention == "sdpa":
         # torch's CPU flash-attention backward in bf16 is slow at these lengths (about a third of the step

@@ -38,7 +38,7 @@ from potluck.encoders import load_for_classification, load_tokenizer, resolve_ba
 from potluck.errors import UserError
 from potluck.evaluation import classification_metrics
 from potluck.fileio import atomic_folder, atomic_write_json
-from potluck.inference import use_bf16
+from potluck.hardware import plan_precision
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ class FrozenEncoder:
         self.tokenizer = load_tokenizer(base)
         self.device = torch.device(settings.device)
         self.model = AutoModel.from_pretrained(resolve_base(base), use_safetensors=True).to(self.device).eval()
-        self.bf16 = use_bf16(settings.precision, self.device)
+        self.bf16 = plan_precision(settings.precision, self.device, purpose="training").bf16
 
     @torch.inference_mode()
     def embed(self, texts: Sequence[str], pooling: str | None = None) -> np.ndarray:

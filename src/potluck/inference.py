@@ -15,11 +15,15 @@ so `potluck predict` does not spend seconds importing transformers. Other models
 with dynamic padding. Precisions:
 
 - `fp32`: the reference (fastbert's fp32 equals transformers' to 2e-5 in the tests).
-- `bf16`: a copy of the model with bf16 weights, run where the CPU does bf16 matmul natively (AMX or
-  AVX512-BF16). Casting the weights once, instead of on every call as autocast does, is what makes it
-  fast; the drift against fp32 is measured in benchmarks/inference.py (agreement and max |dp|).
-- `int8`: a copy with dynamic int8 Linear layers (`torch.ao.quantization.quantize_dynamic`).
-- `auto`: bf16 where the hardware has it, else fp32.
+- `bf16`: a copy of the model with bf16 weights, packed for oneDNN, where the CPU does bf16 matmul
+  natively (AMX or AVX512-BF16). Casting the weights once, instead of on every call as autocast does,
+  is what makes it fast. Elsewhere bf16 is emulated and many times slower: fp32 runs, and says so.
+- `int8`: a copy whose encoder layers use smoothed, per-row dynamic int8 (`potluck.quantize`).
+- `auto`: the fastest of these that kept >= 99.5 % label agreement with fp32 on this kind of CPU
+  (`potluck.hardware.plan_precision`): bf16 where it is native, else fp32.
+
+Precision decisions, and what a CPU can do, live in `potluck.hardware`. `backend="onnx"` runs the
+folder's `onnx/model.onnx` (written by `potluck export`) on ONNX Runtime instead (`potluck.export`).
 
 The copies snapshot the weights when the Predictor is built; `self.model` stays the fp32 transformers
 model you gave (for a folder: loaded on first use, e.g. to save it again).
@@ -44,34 +48,14 @@ from potluck.batching import inference_batches, pad, tokenize
 from potluck.calibration import softmax
 from potluck.errors import UserError
 from potluck.fastbert import FastBert, FastTokenizer
+from potluck.hardware import INFERENCE_PRECISIONS, plan_precision
 
 logger = logging.getLogger(__name__)
 
-PRECISIONS = ("auto", "fp32", "bf16", "int8")
+PRECISIONS = INFERENCE_PRECISIONS
+BACKENDS = ("torch", "onnx")
 # Padded tokens per batch: bf16 matmuls on AMX want big batches; fp32 gains nothing past ~64 texts.
 MAX_TOKENS = {"fp32": 8192, "bf16": 16384, "int8": 8192}
-
-
-@functools.cache
-def cpu_has_bf16() -> bool:
-    """True where the CPU does bf16 matmul natively (AVX512-BF16 or AMX); elsewhere bf16 is slower."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return " amx_bf16" in flags or " avx512_bf16" in flags
-
-
-def use_bf16(precision: str, device: torch.device | str = "cpu") -> bool:
-    """Whether `precision` ('auto', 'fp32', 'bf16', 'int8') means bf16 on `device`."""
-    device = torch.device(device)
-    if precision == "bf16":
-        return True
-    if precision != "auto":
-        return False
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return cpu_has_bf16()
 
 
 @torch.inference_mode()
@@ -119,32 +103,40 @@ class Predictor:
 
     Built from a transformers model and tokenizer (`Predictor(model, tokenizer)`), or from a folder
     (`Predictor.from_folder`). A BERT classifier runs on `potluck.fastbert` (unpadded batches, and
-    from a folder without importing transformers at all); any other model runs on transformers.
-    `model` stays the fp32 transformers model you gave (loaded on first use for a folder), e.g. for
-    saving; fp32 runs on `reference`, bf16 and int8 on a converted copy of it (`runner`).
+    from a folder without importing transformers at all); any other model runs on transformers;
+    `backend="onnx"` runs the folder's ONNX export on ONNX Runtime. `model` stays the fp32
+    transformers model you gave (loaded on first use for a folder), e.g. for saving; fp32 runs on
+    `reference`, bf16 and int8 on a converted copy of it (`runner`). `plan` says which precision runs
+    and, where it is not the one asked for, why.
     """
 
     def __init__(self, model=None, tokenizer=None, *, max_length: int = 128, precision: str = "auto",
                  batch_size: int | None = None, device: str = "cpu", max_tokens: int | None = None,
                  workers: int | None = None, folder: str | os.PathLike | None = None,
-                 reference: FastBert | None = None, encoder: FastTokenizer | None = None):
+                 reference: FastBert | None = None, encoder: FastTokenizer | None = None, runner=None):
         if precision not in PRECISIONS:
             raise UserError(f"unknown precision '{precision}'", hint=f"use one of {', '.join(PRECISIONS)}")
         self.device = torch.device(device)
         self.max_length = max_length
         self.precision = precision
-        self.bf16 = use_bf16(precision, self.device)
-        self.precision_used = "int8" if precision == "int8" else "bf16" if self.bf16 else "fp32"
+        self.plan = runner.plan if runner is not None else plan_precision(precision, self.device)
+        self.precision_used = self.plan.used
+        self.bf16 = self.plan.bf16
+        self.backend = "onnx" if runner is not None else "torch"
         self.batch_size = batch_size or (128 if self.precision_used == "bf16" else 64)
         self.max_tokens = max_tokens or MAX_TOKENS[self.precision_used]
         cores = torch.get_num_threads()
         self.workers = workers or (cores if self.device.type == "cpu" else 1)  # batches running at once
         if self.workers < 1:
             raise UserError(f"workers must be at least 1, not {self.workers}")
-        self.pool = worker_pool(self.workers, max(1, cores // self.workers))
+        self.threads = max(1, cores // self.workers)  # per batch
+        self.pool = worker_pool(self.workers, self.threads)
         self.folder = Path(folder) if folder is not None else None
         self._model, self._tokenizer = model, tokenizer
         self.encoder = encoder  # None: transformers' tokenizer
+        if runner is not None:  # ONNX Runtime; the fp32 torch reference is loaded when asked for
+            self._reference, self.runner, self.labels = reference, runner, runner.labels
+            return
         if reference is None:  # a transformers model was given: run it on fastbert where fastbert can
             model.eval()
             self._model = model.to(self.device)
@@ -153,20 +145,33 @@ class Predictor:
             self.labels = reference.labels
         else:
             self.labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
-        self.reference = reference.to(self.device).eval()
-        self.runner = fast_copy(self.reference, self.precision_used)
+        self._reference = reference.to(self.device).eval()
+        self.runner = fast_copy(self._reference, self.precision_used, self)
 
     @classmethod
-    def from_folder(cls, path: str | os.PathLike, **kwargs) -> Predictor:
-        """Load a Hugging Face model folder (safetensors only); max_length from its potluck.json."""
+    def from_folder(cls, path: str | os.PathLike, *, backend: str = "torch", **kwargs) -> Predictor:
+        """Load a Hugging Face model folder (safetensors only); max_length from its potluck.json.
+        backend 'onnx': its onnx/ export on ONNX Runtime (see `potluck export`)."""
         path = Path(path)
         if not (path / "config.json").is_file():
             if not path.exists():
                 raise UserError(f"no such model folder: {path}", hint="pass the --out folder of `potluck finetune`")
             raise UserError(f"{path} is not a model folder (no config.json)",
                             hint="pass the --out folder of `potluck finetune`")
+        if backend not in BACKENDS:
+            raise UserError(f"unknown backend '{backend}'", hint=f"use one of {', '.join(BACKENDS)}")
         if kwargs.get("max_length") is None:
-            kwargs["max_length"] = _max_length(path)
+            kwargs["max_length"] = folder_max_length(path)
+        if backend == "onnx":
+            from potluck.export import OnnxRunner
+
+            precision = kwargs.pop("precision", "auto")
+            if precision not in PRECISIONS:
+                raise UserError(f"unknown precision '{precision}'", hint=f"use one of {', '.join(PRECISIONS)}")
+            workers = kwargs.get("workers") or torch.get_num_threads()
+            runner = OnnxRunner.from_folder(path, precision, threads=max(1, torch.get_num_threads() // workers))
+            encoder = FastTokenizer.from_folder(path, kwargs["max_length"])
+            return cls(folder=path, runner=runner, encoder=encoder, precision=precision, **kwargs)
         runner = FastBert.from_folder(path)
         encoder = FastTokenizer.from_folder(path, kwargs["max_length"]) if runner is not None else None
         if runner is not None and encoder is not None:  # no transformers needed
@@ -175,6 +180,13 @@ class Predictor:
 
         model = AutoModelForSequenceClassification.from_pretrained(path, use_safetensors=True)
         return cls(model, AutoTokenizer.from_pretrained(path), folder=path, **kwargs)
+
+    @property
+    def reference(self):
+        """The fp32 model the other precisions are checked against (fastbert where it can)."""
+        if self._reference is None:
+            self._reference = (FastBert.from_folder(self.folder) or self.model).to(self.device).eval()
+        return self._reference
 
     @property
     def model(self):
@@ -198,6 +210,11 @@ class Predictor:
     @property
     def pad_token_id(self) -> int:
         return self.encoder.pad_token_id if self.encoder is not None else self.tokenizer.pad_token_id
+
+    def vocabulary(self) -> list[str]:
+        """The tokenizer's tokens."""
+        vocab = self.encoder.whole.get_vocab() if self.encoder is not None else self.tokenizer.get_vocab()
+        return list(vocab)
 
     def encode(self, texts: Sequence[str], truncate: bool = True) -> list[list[int]]:
         """Token ids per text. With truncate=False a text longer than max_length is a UserError."""
@@ -258,8 +275,8 @@ def run_batches(model, ids: Sequence[Sequence[int]], *, pad_id: int, device: tor
     """Logits (N, C) float32 of an eval-mode model, batched by length, in the original order; the
     batches on `pool`'s threads (None: in this thread). A FastBert runs each batch unpadded; a
     transformers model gets it padded."""
-    out = np.zeros((len(ids), model.num_labels if isinstance(model, FastBert) else model.config.num_labels),
-                   dtype=np.float32)
+    classes = model.num_labels if hasattr(model, "classify") else model.config.num_labels
+    out = np.zeros((len(ids), classes), dtype=np.float32)
     batches = list(inference_batches([len(row) for row in ids], batch_size, max_tokens))
     run = functools.partial(_run_batch, model, ids, pad_id, device)
     for batch, logits in zip(batches, pool.map(run, batches) if pool is not None else map(run, batches), strict=True):
@@ -271,34 +288,44 @@ def run_batches(model, ids: Sequence[Sequence[int]], *, pad_id: int, device: tor
 def _run_batch(model, ids: Sequence[Sequence[int]], pad_id: int, device: torch.device,
                batch: list[int]) -> np.ndarray:
     rows = [ids[i] for i in batch]
-    if isinstance(model, FastBert):
-        return model.classify(rows).cpu().numpy()
+    if hasattr(model, "classify"):  # FastBert, or the ONNX Runtime runner
+        return np.asarray(model.classify(rows), dtype=np.float32)
     input_ids, mask = pad(rows, pad_id)  # (B, T)
     return model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits.float().cpu().numpy()
 
 
-def fast_copy(model, precision: str):
-    """The model that runs: itself for fp32, else a converted copy (the original stays fp32)."""
+def fast_copy(model, precision: str, predictor: Predictor | None = None):
+    """The model that runs: itself for fp32, else a converted copy (the original stays fp32).
+    int8 on fastbert is calibrated on texts made from `predictor`'s vocabulary (see potluck.quantize)."""
     if precision == "bf16":
         runner = copy.deepcopy(model).to(torch.bfloat16).eval()
         return runner.pack() if isinstance(runner, FastBert) else runner
     if precision == "int8":
-        return quantize_int8(model)
+        if isinstance(model, FastBert):
+            from potluck.quantize import calibration_texts, quantize_int8
+
+            calibration = predictor.encode(calibration_texts(predictor.vocabulary())) if predictor else None
+            return quantize_int8(model, calibration)
+        return quantize_dynamic_int8(model)
     return model
 
 
-def quantize_int8(model):
-    """Dynamic int8 quantisation of the Linear layers (weights int8, activations quantised on the fly).
+def quantize_dynamic_int8(model):
+    """torch's dynamic int8 (weights per output channel) for a model fastbert does not run.
 
     Returns a quantised copy; `model` is left as it was."""
     import warnings
 
+    from torch.ao.quantization import per_channel_dynamic_qconfig
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # quantize_dynamic is deprecated in favour of torchao
-        return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8, inplace=False)
+        return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear: per_channel_dynamic_qconfig},
+                                                      dtype=torch.qint8, inplace=False)
 
 
-def _max_length(folder: Path) -> int:
+def folder_max_length(folder: Path) -> int:
+    """The max_length a model folder was trained with (potluck.json), else 128."""
     meta = folder / "potluck.json"
     if meta.is_file():
         return int(json.loads(meta.read_text()).get("settings", {}).get("max_length", 128))

@@ -32,7 +32,7 @@ import torch
 from potluck import distributed
 from potluck.errors import UserError
 from potluck.finetune import make_optimizer, resolve_device
-from potluck.inference import use_bf16
+from potluck.hardware import plan_precision
 from potluck.mlm import Masker, PretrainCheckpoints, mlm_logits
 
 logger = logging.getLogger(__name__)
@@ -192,7 +192,7 @@ def run(model, train_blocks: np.ndarray, valid_blocks: np.ndarray, masker: Maske
                         hint="each process needs at least one block per batch: raise --batch-size")
     model.to(device)
     on_step = on_step if ctx.is_main else None
-    bf16 = use_bf16(settings.precision, device)
+    bf16 = plan_precision(settings.precision, device, purpose="training").bf16
     per_step = settings.batch_size * settings.grad_accumulation  # the effective (global) batch, in blocks
     steps_per_epoch = max(1, len(train_blocks) // per_step)
     limit = steps_per_epoch * settings.epochs

@@ -64,11 +64,13 @@ class ServedModel:
         p = self.predictor
         return ModelInfo(name=self.name, route=f"/v1/models/{self.name}/predict", labels=p.labels,
                          base=self.meta.get("base"), max_length=p.max_length, precision=p.precision_used,
+                         backend=p.backend,
                          created=self.meta.get("created"), metrics=self.meta.get("metrics") or {},
                          calibration=self.meta.get("calibration") or {})
 
 
-def load_models(folders: Sequence[str | os.PathLike], precision: str = "auto") -> dict[str, ServedModel]:
+def load_models(folders: Sequence[str | os.PathLike], precision: str = "auto",
+                backend: str = "torch") -> dict[str, ServedModel]:
     """Load each folder as a model named after the folder; names must be unique and URL-safe."""
     models: dict[str, ServedModel] = {}
     for folder in folders:
@@ -83,7 +85,7 @@ def load_models(folders: Sequence[str | os.PathLike], precision: str = "auto") -
             raise UserError(f"no such model folder: {folder}", hint="pass the --out folder of `potluck finetune`")
         meta_path = folder / "potluck.json"
         meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-        models[name] = ServedModel(name, Predictor.from_folder(folder, precision=precision), meta)
+        models[name] = ServedModel(name, Predictor.from_folder(folder, precision=precision, backend=backend), meta)
         logger.info("loaded %s from %s (%s)", name, folder, models[name].predictor.precision_used)
     if not models:
         raise UserError("no model folders given", hint="e.g. potluck serve models/urgency")
@@ -99,7 +101,8 @@ async def start_processes(models: dict[str, ServedModel], settings: ServeSetting
     import torch
 
     count = predictors[0].workers
-    processes = ModelProcesses([p.folder for p in predictors], precision=settings.precision, count=count,
+    processes = ModelProcesses([p.folder for p in predictors], precision=settings.precision,
+                               backend=settings.backend, count=count,
                                threads=max(1, torch.get_num_threads() // count))
     await processes.start()
     return processes
@@ -109,7 +112,7 @@ def create_app(folders: Sequence[str | os.PathLike] = (), settings: ServeSetting
                keys: KeyRing | None = None, models: dict[str, ServedModel] | None = None) -> FastAPI:
     """Build the app for model folders (or already loaded `models`); batchers start with the app."""
     settings = settings or ServeSettings()
-    models = models if models is not None else load_models(folders, settings.precision)
+    models = models if models is not None else load_models(folders, settings.precision, settings.backend)
     metrics = Metrics()
     state = {"ready": False}
 

@@ -71,7 +71,8 @@ class ModelInfo(BaseModel):
     labels: list[str]
     base: str | None = None
     max_length: int
-    precision: str
+    precision: str = Field(description="the precision that runs on this CPU (see potluck.hardware)")
+    backend: str = "torch"
     created: str | None = None
     metrics: dict = Field(default_factory=dict, description="metrics recorded at training time (potluck.json)")
     calibration: dict = Field(default_factory=dict)

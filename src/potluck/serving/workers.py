@@ -116,12 +116,13 @@ class _Worker:
 class ModelProcesses:
     """`count` worker processes that each hold every model of `folders`; `run` sends a batch to an idle one."""
 
-    def __init__(self, folders: Sequence[str | os.PathLike], *, precision: str = "auto", count: int = 2,
-                 threads: int = 1, startup_timeout: float = 300.0):
+    def __init__(self, folders: Sequence[str | os.PathLike], *, precision: str = "auto", backend: str = "torch",
+                 count: int = 2, threads: int = 1, startup_timeout: float = 300.0):
         if count < 1:
             raise ValueError("count must be at least 1")
         self.folders = [str(f) for f in folders]
         self.precision = precision
+        self.backend = backend
         self.count = count
         self.threads = threads
         self.startup_timeout = startup_timeout
@@ -152,7 +153,7 @@ class ModelProcesses:
         env = {**os.environ, "OMP_NUM_THREADS": str(self.threads)}
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "potluck.serving.workers", "--precision", self.precision,
-            "--threads", str(self.threads), *self.folders,
+            "--backend", self.backend, "--threads", str(self.threads), *self.folders,
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=env,
             limit=2 ** 26)  # stderr stays the server's: a worker's own log lines show there
         worker = _Worker(process)
@@ -241,7 +242,7 @@ def _read_exactly(stream, size: int) -> bytes | None:
     return data
 
 
-def serve_batches(folders: Sequence[str], precision: str, threads: int) -> None:
+def serve_batches(folders: Sequence[str], precision: str, threads: int, backend: str = "torch") -> None:
     """The worker's loop: load, warm up, say ready, then answer one batch after another until stdin ends."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C is for the server, which stops us when it is done
     out = os.fdopen(os.dup(sys.stdout.fileno()), "wb", buffering=0)
@@ -255,7 +256,7 @@ def serve_batches(folders: Sequence[str], precision: str, threads: int) -> None:
 
     die_with_parent()
     torch.set_num_threads(threads)
-    predictors = [Predictor.from_folder(folder, precision=precision, workers=1) for folder in folders]
+    predictors = [Predictor.from_folder(folder, precision=precision, backend=backend, workers=1) for folder in folders]
     for predictor in predictors:  # the first runs of a model pay one-off costs
         for n in (1, 4, 16):
             predictor.logits_from_ids(predictor.encode(["warm up the model"] * n), here=True)
@@ -281,10 +282,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="A model worker process of `potluck serve` (not run by hand).")
     parser.add_argument("folders", nargs="+")
     parser.add_argument("--precision", default="auto")
+    parser.add_argument("--backend", default="torch")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="model process %(process)d: %(message)s")
-    serve_batches(args.folders, args.precision, args.threads)
+    logging.getLogger("potluck.hardware").setLevel(logging.ERROR)  # the server has said it once already
+    serve_batches(args.folders, args.precision, args.threads, args.backend)
 
 
 if __name__ == "__main__":
