@@ -1,10 +1,12 @@
-"""Shared helpers for the benchmarks: the datasets in ../shared/data, samples, machine facts."""
+"""Shared helpers for the benchmarks: the datasets in ../shared/data, samples, the host.
+
+Results are filed by host kind (`potluck.hardware`: amx, avx512-bf16, avx512, avx2, x86-64) under
+benchmarks/results/<kind>/, so figures from different kinds of CPU never mix; each file records its
+host (CPU model, the flags that matter, cores, torch version)."""
 
 from __future__ import annotations
 
 import json
-import os
-import platform
 import subprocess
 import sys
 from datetime import UTC, datetime
@@ -41,15 +43,17 @@ def stratified_sample(texts, labels, n: int, seed: int) -> tuple[list[str], list
 
 
 def machine() -> dict:
-    import torch
+    """The host: CPU model, kind, the flags that decide a path, cores, torch and Python versions."""
+    from potluck.hardware import cpu
 
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        cpu = platform.processor()
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version()}
+    return cpu().record()
+
+
+def results_dir() -> Path:
+    """benchmarks/results/<this host's kind>/"""
+    from potluck.hardware import cpu
+
+    return RESULTS / cpu().kind
 
 
 def write_result(name: str, payload: dict) -> Path:
@@ -57,7 +61,7 @@ def write_result(name: str, payload: dict) -> Path:
 
     payload = {"benchmark": name, "when": datetime.now(UTC).isoformat(timespec="seconds"),
                "command": " ".join(["python", *sys.argv]), "git": _git(), "machine": machine(), **payload}
-    path = RESULTS / f"{name}.json"
+    path = results_dir() / f"{name}.json"
     atomic_write_json(path, payload)
     return path
 

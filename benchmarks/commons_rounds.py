@@ -18,7 +18,7 @@ Measured after each round, on the current base against MiniLM (the anchor) in th
     (--ft-epochs) from MiniLM and from the last base (--ft-all-bases: every base).
 Poisoner: a fresh commons, round 1's models of all but the last contributor plus the last one's with its
 encoder body scaled by --poison-scale; one round per --poison-methods method; what the gate decides.
-Everything goes to benchmarks/results/commons_rounds.json (+ .png), sizes and budgets included.
+Everything goes to benchmarks/results/<host kind>/commons_rounds.json (+ .png), sizes and budgets included.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DATASETS, RESULTS, load_split, stratified_sample, write_result  # noqa: E402
+from common import DATASETS, load_split, results_dir, stratified_sample, write_result  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -238,7 +238,7 @@ def save(args, started: float, bases, finetuned, rounds, poison, *, partial: boo
         "poisoner": poison, "summary": summarize(bases, finetuned, rounds, poison, last),
         "seconds": round(time.perf_counter() - started, 1)}
     path = write_result(args.name, payload)
-    plot(payload, RESULTS / f"{args.name}.png")
+    plot(payload, results_dir() / f"{args.name}.png")
     print(f"wrote {path}" + (" (partial)" if partial else ""), flush=True)
     return payload
 

@@ -28,7 +28,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
-from common import DATASETS, ROOT, machine
+from common import DATASETS, machine, results_dir
 from common import SHARED_DATA as DATA
 
 GOAL_F1_POINTS = 5.0
@@ -48,9 +48,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--test-size", type=int, default=2000, help="cap on test texts per dataset (stratified, fixed)")
     p.add_argument("--epochs", type=int, default=3, help="fine-tuning epochs (early stopping may end sooner)")
     p.add_argument("--base", default="minilm", help="Potluck's base encoder")
-    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "quality.json")
+    p.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/<host kind>/quality.json")
     p.add_argument("--quick", action="store_true", help="smoke run: 2 datasets, 300 train, 300 test, 1 epoch")
     args = p.parse_args(argv)
+    args.out = args.out or results_dir() / "quality.json"
     if args.quick:
         args.datasets, args.train_size, args.test_size, args.epochs = "sms_spam,trec", 300, 300, 1
         args.seeds = 1
@@ -146,10 +147,10 @@ def main(argv=None) -> None:
     if unknown:
         sys.exit(f"unknown dataset(s) {unknown}: choose from {', '.join(DATASETS)}")
     results = load_results(args.out, config)
-    from potluck.inference import cpu_has_bf16
+    from potluck.hardware import cpu
 
     results.update(command=shlex.join(["python", "benchmarks/quality.py", *sys.argv[1:]]),
-                   machine={**machine(), "bf16": cpu_has_bf16()})
+                   machine={**machine(), "bf16": cpu().native_bf16})
     for seed in range(args.seed_start, args.seed_start + args.seeds):
         for name in datasets:
             done = results["runs"].get(name, {}).get(str(seed), {})

@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import RESULTS, SHARED_DATA, load_split, stratified_sample, write_result
+from common import ROOT, SHARED_DATA, load_split, results_dir, stratified_sample, write_result
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -189,9 +189,9 @@ def speed(corpus, tok: Path, size: str, steps: int) -> dict:
 
 
 def _bf16() -> bool:
-    from potluck.inference import use_bf16
+    from potluck.hardware import plan_precision
 
-    return use_bf16("auto", "cpu")
+    return plan_precision("auto", "cpu", purpose="training").bf16
 
 
 def trainer_speed(tokenizer, blocks: np.ndarray, settings, steps: int, warm: int, bf16: bool) -> float:
@@ -360,7 +360,7 @@ def main() -> None:
               "early_stopping": "patience = epochs (never stops early); the best validation-loss epoch is kept",
               "calibrate": False}
     config = json.loads(json.dumps(config))
-    path = RESULTS / f"{args.name}.json"
+    path = results_dir() / f"{args.name}.json"
     old = json.loads(path.read_text()) if path.exists() else {}
     same = old.get("config") == config
     if old and not same:
@@ -404,8 +404,8 @@ def main() -> None:
     payload["seconds_this_run"] = round(time.perf_counter() - began, 1)
     payload["load_average_end"] = os.getloadavg()
     if payload["table"]:
-        plot(payload["table"], curves, RESULTS / f"{args.name}.png")
-        payload["picture"] = f"benchmarks/results/{args.name}.png"
+        plot(payload["table"], curves, results_dir() / f"{args.name}.png")
+        payload["picture"] = str((results_dir() / f"{args.name}.png").relative_to(ROOT))
     print(write_result(args.name, payload))
     print(json.dumps({"table": payload["table"], "checks": payload["checks"], "speed": payload["speed"]}, indent=1))
 
