@@ -177,3 +177,35 @@ def test_killed_run_resumes_and_finishes(train_file, tiny_encoder, tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from" in resumed.stderr
     assert (out / "model.safetensors").exists() and not checkpoints.exists()
+
+
+def test_nothing_the_user_did_not_ask_to_replace_is_replaced(train_file, model_dir, tmp_path):
+    """--out, --output and --report refuse an existing non-empty folder or file before any work starts;
+    --overwrite replaces it (atomically)."""
+    out = tmp_path / "v"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    refused = run("finetune", "--data", train_file, "--text-column", "body", "--label-column", "urgency",
+                  "--out", out, "--epochs", "1")
+    assert_one_line_error(refused, f"--out {out} already exists and is not empty", "--overwrite")
+    assert (out / "keep.txt").read_text() == "x"
+    a_file = tmp_path / "some_file.txt"
+    a_file.write_text("precious")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the server is down\n" * 50)
+    assert_one_line_error(run("tokenizer", "--corpus", corpus, "--out", a_file, "--vocab-size", "60"),
+                          "is a file, not a folder")
+    assert_one_line_error(run("tokenizer", "--corpus", corpus, "--out", tmp_path / "tok", "--min-frequency", "-1"),
+                          "--min-frequency must be at least 1")
+    assert_one_line_error(run("predict", model_dir, "--input", train_file, "--text-column", "body", "--output", a_file),
+                          "--output", "already exists")
+    assert_one_line_error(run("evaluate", model_dir, "--data", train_file, "--text-column", "body",
+                              "--label-column", "urgency", "--report", a_file), "is a file, not a folder")
+    assert_one_line_error(run("predict", model_dir, "--input", train_file, "--text-column", "body", "--output",
+                              a_file, "--overwrite"), "cannot write file type '.txt'")
+    assert a_file.read_text() == "precious" and not (tmp_path / "tok").exists()
+    scored_file = tmp_path / "scored.jsonl"
+    scored_file.write_text("old")
+    scored = run("predict", model_dir, "--input", train_file, "--text-column", "body", "--output", scored_file,
+                 "--overwrite")
+    assert scored.returncode == 0 and scored_file.read_text() != "old", scored.stderr

@@ -140,13 +140,14 @@ class TextClassifier:
     # -- persistence ------------------------------------------------------------------------------
 
     def save(self, path: str | os.PathLike, *, command: str | None = None,
-             history: bool = True) -> Path:
-        """Write a Hugging Face model folder (atomically) with potluck.json and a model card."""
+             history: bool = True, overwrite: bool = False) -> Path:
+        """Write a Hugging Face model folder (atomically) with potluck.json and a model card. An existing
+        non-empty folder at `path` is replaced only with `overwrite` (else a UserError)."""
         self._check_fitted()
         if not distributed.context().is_main:
             return Path(path)  # under torchrun, rank 0 writes the folder
         meta = self.metadata(command=command, name=Path(path).name)
-        with atomic_folder(path) as tmp:
+        with atomic_folder(path, overwrite=overwrite) as tmp:
             self.predictor_.model.save_pretrained(tmp, safe_serialization=True)
             self.predictor_.tokenizer.save_pretrained(tmp)
             atomic_write_json(tmp / "potluck.json", meta)

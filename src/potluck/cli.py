@@ -24,6 +24,7 @@ from rich.console import Console
 from rich.table import Table
 
 from potluck.errors import UserError
+from potluck.fileio import check_output
 
 app = typer.Typer(help="Potluck: transfer learning for text, built together.", no_args_is_help=True,
                   pretty_exceptions_show_locals=False, add_completion=False)
@@ -100,6 +101,7 @@ def finetune(
     resume: Annotated[bool, typer.Option(help="continue from the last checkpoint of a killed run")] = False,
     checkpoint_dir: Annotated[Path | None, typer.Option(help="where epoch checkpoints go (default: OUT.checkpoints)")] = None,
     nproc: Annotated[int, typer.Option(help="training processes on this machine (spawns torchrun)")] = 1,
+    overwrite: Annotated[bool, typer.Option(help="replace --out if it exists and is not empty")] = False,
     **settings,
 ):
     """Fine-tune an encoder with a new classification head, then calibrate it."""
@@ -112,10 +114,12 @@ def finetune(
         distributed.launch(nproc, without_option(sys.argv[1:], "--nproc"))
         return
 
+    check_output(out_dir, overwrite=overwrite)  # before the training, not after it
+    checkpoint_dir = checkpoint_dir or out_dir.with_name(out_dir.name + ".checkpoints")
+    check_output(checkpoint_dir, overwrite=True, option="--checkpoint-dir")
     train_data = read_data(data, text_column, label_column)
     valid_data = read_data(valid, text_column, label_column) if valid else None
     clf = TextClassifier(base, settings=FinetuneSettings(**settings))
-    checkpoint_dir = checkpoint_dir or out_dir.with_name(out_dir.name + ".checkpoints")
     header = (f"fine-tuning [bold]{base}[/] on {len(train_data)} examples from {data} "
               f"({len(set(train_data.labels))} labels)")
     with TrainingProgress(header) as progress:
@@ -125,7 +129,7 @@ def finetune(
                      train_path=str(data.resolve()), valid_path=str(valid.resolve()) if valid else None)
     if not ctx.is_main:
         return  # rank 0 writes the folder and reports
-    clf.save(out_dir, command=shlex.join(["potluck", *sys.argv[1:]]))
+    clf.save(out_dir, command=shlex.join(["potluck", *sys.argv[1:]]), overwrite=overwrite)
     remove_checkpoints(checkpoint_dir)
     r, cal, m = clf.fit_result_, clf.calibration_, clf.metrics_["valid"]
     procs = f", {r.world_size} processes, effective batch {clf.settings.batch_size}" if r.world_size > 1 else ""
@@ -199,17 +203,21 @@ def predict(
     batch_size: Annotated[int | None, typer.Option(help="texts per batch (default: 128 in bf16, 64 otherwise)")] = None,
     fp32_check: Annotated[int, typer.Option(help="with --input and a precision other than fp32: re-score this many "
                                                  "texts in fp32 and report the agreement (0: off)")] = 200,
+    overwrite: Annotated[bool, typer.Option(help="replace --output if it exists")] = False,
 ):
     """Predict labels with calibrated probabilities for texts or a file of texts."""
     import time
 
-    from potluck.data import read_texts, write_rows
+    from potluck.data import check_writable_format, read_texts, write_rows
     from potluck.inference import Predictor
 
     if format not in ("table", "json"):
         raise UserError(f"unknown --format '{format}'", hint="use 'table' or 'json'")
     if bool(texts) == bool(input):
         raise UserError("give either texts or --input FILE", hint="e.g. potluck predict MODEL \"a text\"")
+    if output:  # before the work, not after it
+        check_output(output, overwrite=overwrite, folder=False, option="--output")
+        check_writable_format(output)
     items = list(texts) if texts else read_texts(input, text_column).texts
     predictor = Predictor.from_folder(model, precision=precision, batch_size=batch_size, backend=backend)
     started = time.perf_counter()
@@ -286,6 +294,7 @@ def evaluate(
     baseline: Annotated[str | None, typer.Option(help="also fit and score a baseline on the model's own training data: 'tfidf'")] = None,
     baseline_data: Annotated[Path | None, typer.Option(help="the baseline's training data (default: the file in potluck.json)")] = None,
     threshold: Annotated[float, typer.Option(help="two classes: precision/recall when the positive class is called at p >= this")] = 0.5,
+    overwrite: Annotated[bool, typer.Option(help="replace the --report folder if it exists and is not empty")] = False,
 ):
     """Accuracy, macro-F1, ECE, Brier, log-loss and a per-class table; a report with pictures; a baseline."""
     from potluck.classifier import TextClassifier
@@ -296,6 +305,8 @@ def evaluate(
         raise UserError(f"--threshold must be between 0 and 1, got {threshold}")
     if baseline_data and not baseline:
         raise UserError("--baseline-data needs --baseline", hint="add --baseline tfidf")
+    if report:
+        check_output(report, overwrite=overwrite, option="--report")
     if baseline:
         from potluck.baseline import make_baseline, model_training_data
 
@@ -367,11 +378,15 @@ def curve(
     text_column: Annotated[str, typer.Option(help="column holding the text")] = "text",
     label_column: Annotated[str, typer.Option(help="column holding the label")] = "label",
     as_json: Annotated[bool, typer.Option("--json", help="print the curve as JSON")] = False,
+    overwrite: Annotated[bool, typer.Option(help="replace the --report folder if it exists and is not empty")] = False,
     **settings,
 ):
     """Learning curve: test macro-F1 and ECE against the number of labels, Potluck and the baseline."""
     from potluck.curve import learning_curve
     from potluck.data import read_data
+
+    if report:
+        check_output(report, overwrite=overwrite, option="--report")
 
     try:
         size_list = sorted({int(s) for s in sizes.split(",") if s.strip()})
@@ -445,15 +460,19 @@ def tokenizer_command(
     min_frequency: Annotated[int, typer.Option(help="a piece must occur this often to be merged")] = 2,
     text_column: Annotated[str, typer.Option(help="column holding the text in JSONL/CSV/TSV/Parquet")] = "text",
     per_file: PerFileOption = False,
+    overwrite: Annotated[bool, typer.Option(help="replace --out if it exists and is not empty")] = False,
 ):
     """Train a BERT-style WordPiece tokenizer on a corpus."""
     from potluck.corpus import read_corpus
     from potluck.tokenization import save_tokenizer, train_tokenizer
 
+    if min_frequency < 1:
+        raise UserError(f"--min-frequency must be at least 1, got {min_frequency}")
+    check_output(out_dir, overwrite=overwrite)
     docs = read_corpus(corpus, text_column=text_column, per_file=per_file)
     console.print(f"training a WordPiece tokenizer on {len(docs)} documents ({docs.n_characters()} characters)")
     tok = train_tokenizer(docs.documents, vocab_size, lowercase=not cased, min_frequency=min_frequency)
-    save_tokenizer(tok, out_dir, corpus=docs, vocab_size=vocab_size)
+    save_tokenizer(tok, out_dir, corpus=docs, vocab_size=vocab_size, overwrite=overwrite)
     sample = docs.documents[0][:120]
     console.print(f"{len(tok)} tokens; e.g. {' '.join(tok.tokenize(sample)[:24])}", highlight=False)
     console.print(f"saved [bold]{out_dir}[/]")
@@ -472,6 +491,7 @@ def pretrain_command(
     checkpoint_dir: Annotated[Path | None, typer.Option(help="where checkpoints go (default: OUT.checkpoints)")] = None,
     keep_checkpoints: Annotated[bool, typer.Option(help="keep the last checkpoint, to train longer later with --resume")] = False,
     nproc: Annotated[int, typer.Option(help="training processes on this machine (spawns torchrun)")] = 1,
+    overwrite: Annotated[bool, typer.Option(help="replace --out if it exists and is not empty")] = False,
     **settings,
 ):
     """Pre-train an encoder by mask filling: from scratch (--tokenizer) or continued (--from)."""
@@ -495,7 +515,8 @@ def pretrain_command(
         console.print(f"pre-training {what} on {len(docs)} documents ({docs.n_characters()} characters){procs}")
     with PretrainProgress() as progress:
         result = pretrain(docs, out_dir, settings=s, tokenizer=tokenizer, base=base, checkpoint_dir=checkpoint_dir,
-                          resume=resume, on_step=progress.update, command=shlex.join(["potluck", *sys.argv[1:]]))
+                          resume=resume, on_step=progress.update, command=shlex.join(["potluck", *sys.argv[1:]]),
+                          overwrite=overwrite)
     if not ctx.is_main:
         return  # rank 0 wrote the folder and reports
     if not keep_checkpoints:
@@ -622,14 +643,16 @@ def fuse(
     out_dir: Annotated[Path, typer.Option("--out", help="the fused encoder folder to write")],
     base: Annotated[str | None, typer.Option(
         help="the base they were fine-tuned from (default: the one their potluck.json records)")] = None,
+    overwrite: Annotated[bool, typer.Option(help="replace --out if it exists and is not empty")] = False,
     **settings,
 ):
     """Fuse the encoder bodies of fine-tuned models into a new base encoder (heads are never fused)."""
     from potluck.fusion import fuse as fuse_models
 
     fusion_settings = FusionSettings(**settings)
+    check_output(out_dir, overwrite=overwrite)
     result = fuse_models(models, out_dir, base=base, settings=fusion_settings,
-                         command=shlex.join(["potluck", *sys.argv[1:]]))
+                         command=shlex.join(["potluck", *sys.argv[1:]]), overwrite=overwrite)
     table = Table("model", "weight", "‖θ−θ_base‖ / ‖θ_base‖", "head tensors left out", title="inputs")
     for record in result.meta["inputs"]:
         table.add_row(record["path"], f"{record['weight']:.3f}", f"{record['task_vector_norm']:.4f}",
@@ -725,10 +748,11 @@ def commons_pull(
     out_dir: Annotated[Path, typer.Option("--out", help="the folder to write (a base `potluck finetune --base` takes)")],
     version: Annotated[int | None, typer.Option(help="a base version (default: the current one)")] = None,
     token: Token = None,
+    overwrite: Annotated[bool, typer.Option(help="replace --out if it exists and is not empty")] = False,
 ):
     """Download a base encoder as a Hugging Face folder, checking every file's sha256."""
     with commons_client(url, token) as client:
-        info = client.pull(out_dir, version)
+        info = client.pull(out_dir, version, overwrite=overwrite)
     console.print(f"pulled base version {info['version']} ({info['method']}) into [bold]{out_dir}[/]; "
                   f"fine-tune it with: potluck finetune --base {out_dir} --data … --out …")
 

@@ -481,15 +481,21 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def check_writable_format(path: PathLike, fmt: str | None = None) -> str:
+    """The format `write_rows` writes `path` in (by suffix, or `fmt`); a DataError for one it cannot."""
+    fmt = fmt or FORMATS.get(Path(path).suffix.lower())
+    if fmt not in set(FORMATS.values()):
+        raise DataError(f"cannot write file type {Path(path).suffix or '(no suffix)'!r}", path=path,
+                        hint=f"Use one of {', '.join(FORMATS)}")
+    return fmt
+
+
 def write_rows(path: PathLike, rows: list[dict], *, fmt: str | None = None) -> None:
     """Write rows as CSV, TSV, JSONL or Parquet (by suffix, or `fmt`) atomically: temp file, fsync, rename.
 
     Columns are the keys in order of first appearance; in CSV/TSV, lists and dicts are written as JSON.
     """
-    fmt = fmt or FORMATS.get(Path(path).suffix.lower())
-    if fmt not in set(FORMATS.values()):
-        raise DataError(f"cannot write file type {Path(path).suffix or '(no suffix)'!r}", path=path,
-                        hint=f"Use one of {', '.join(FORMATS)}")
+    fmt = check_writable_format(path, fmt)
     rows = [{key: _plain(value) for key, value in row.items()} for row in rows]
     columns = list(dict.fromkeys(key for row in rows for key in row))
     if fmt == "parquet":

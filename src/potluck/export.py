@@ -64,7 +64,7 @@ def export_onnx(folder: str | os.PathLike, out: str | os.PathLike, *, int8: bool
                                                                attn_implementation="eager").eval()
     texts = calibration_texts(list(tokenizer.whole.get_vocab()), n=96, seed=1)
     rows = tokenizer.encode(texts + ["word " * 600])  # lengths from a few tokens to max_length
-    with atomic_folder(out) as tmp:
+    with atomic_folder(out, overwrite=True) as tmp:  # checked above
         for item in folder.iterdir():
             if item.is_file() and item.name != ".lock":
                 shutil.copy2(item, tmp / item.name)

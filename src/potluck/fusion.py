@@ -209,7 +209,7 @@ class FusionResult:
 
 def fuse(models: Sequence[str | os.PathLike], out: str | os.PathLike, *, base: str | os.PathLike | None = None,
          settings: FusionSettings | None = None, weights: Sequence[float] | None = None,
-         command: str | None = None) -> FusionResult:
+         command: str | None = None, overwrite: bool = False) -> FusionResult:
     """Fuse the bodies of `models` (fine-tuned from `base`) into an encoder folder at `out`, atomically.
 
     `base` defaults to the base recorded in the models' potluck.json (they must agree). `weights`
@@ -235,7 +235,7 @@ def fuse(models: Sequence[str | os.PathLike], out: str | os.PathLike, *, base: s
     check_compatible(base_file, inputs)
     specs = [(name, dtype, shape) for name, (_, _, dtype, shape) in base_file.body.items()]
     sq_dist, sq_base = np.zeros(len(inputs)), 0.0
-    with atomic_folder(out) as tmp:
+    with atomic_folder(out, overwrite=overwrite) as tmp:
         with SafetensorsWriter(tmp / "model.safetensors", specs, {"format": "pt"}) as writer:
             for name, dtype, _ in specs:  # one tensor at a time, straight to disk
                 base_tensor = base_file.load(name)

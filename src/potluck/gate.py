@@ -290,7 +290,7 @@ class FrozenHead:
         logits = self.encoder_.embed(list(texts), "pooler") @ self.coef_.T + self.intercept_  # (N, C)
         return calibration.softmax(logits, self.temperature_)
 
-    def save(self, path: str | os.PathLike, *, command: str | None = None) -> Path:
+    def save(self, path: str | os.PathLike, *, command: str | None = None, overwrite: bool = False) -> Path:
         """An ordinary classifier folder (config, safetensors, tokenizer, potluck.json, model card), atomically."""
         model = load_for_classification(self.base, self.classes_)
         head = calibration.final_linear(model)
@@ -299,7 +299,7 @@ class FrozenHead:
             head.bias.copy_(torch.as_tensor(self.intercept_, dtype=head.bias.dtype))  # (C,)
         calibration.fold_temperature(model, self.temperature_)
         meta = self.metadata(command=command, name=Path(path).name)
-        with atomic_folder(path) as tmp:
+        with atomic_folder(path, overwrite=overwrite) as tmp:
             model.save_pretrained(tmp, safe_serialization=True)
             self.encoder_.tokenizer.save_pretrained(tmp)
             atomic_write_json(tmp / "potluck.json", meta)

@@ -143,7 +143,7 @@ class PretrainCheckpoints:
 
 def save_encoder(model, tokenizer, out: str | os.PathLike, *, result, settings, corpus, base: str | None,
                  tokenizer_source: str | os.PathLike | None, head_note: str, blocks: dict, command: str | None,
-                 kept: dict | None = None) -> Path:
+                 kept: dict | None = None, overwrite: bool = False) -> Path:
     """Write the Hugging Face folder: config, weights, tokenizer, potluck.json, README.md, training_log.jsonl.
 
     `kept` tensors (the base's pooler) are added to model.safetensors: BertForMaskedLM ignores them and
@@ -172,7 +172,7 @@ def save_encoder(model, tokenizer, out: str | os.PathLike, *, result, settings, 
         "settings": asdict(settings),
         "command": command,
     }
-    with atomic_folder(out) as tmp:
+    with atomic_folder(out, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         if kept:
             weights = load_file(tmp / "model.safetensors")

@@ -31,6 +31,7 @@ import torch
 
 from potluck import distributed
 from potluck.errors import UserError
+from potluck.fileio import check_output
 from potluck.finetune import make_optimizer, resolve_device
 from potluck.hardware import plan_precision
 from potluck.mlm import Masker, PretrainCheckpoints, mlm_logits
@@ -366,7 +367,8 @@ def held_out_metrics(model, blocks: np.ndarray, masker: Masker, settings: Pretra
 def pretrain(corpus, out: str | os.PathLike, *, settings: PretrainSettings | None = None,
              tokenizer: str | os.PathLike | None = None, base: str | None = None,
              checkpoint_dir: str | os.PathLike | None = None, resume: bool = False,
-             on_step: Callable[[dict], None] | None = None, command: str | None = None) -> PretrainResult:
+             on_step: Callable[[dict], None] | None = None, command: str | None = None,
+             overwrite: bool = False) -> PretrainResult:
     """Pre-train on a `Corpus` from scratch (with `tokenizer`) or continued (from `base`); write `out`."""
     from potluck.corpus import pack_blocks
     from potluck.data import DataError
@@ -375,6 +377,8 @@ def pretrain(corpus, out: str | os.PathLike, *, settings: PretrainSettings | Non
 
     settings = settings or PretrainSettings()
     check_source(tokenizer, base)
+    if distributed.context().is_main:
+        check_output(out, overwrite=overwrite)  # before hours of training, not after
     if base is not None:
         from potluck.encoders import load_tokenizer as base_tokenizer
 
@@ -406,7 +410,7 @@ def pretrain(corpus, out: str | os.PathLike, *, settings: PretrainSettings | Non
     if not distributed.context().is_main:
         return result  # rank 0 writes the folder
     save_encoder(model, tok, out, result=result, settings=settings, corpus=corpus, base=base,
-                 tokenizer_source=tokenizer, head_note=note, command=command, kept=kept,
+                 tokenizer_source=tokenizer, head_note=note, command=command, kept=kept, overwrite=overwrite,
                  blocks={"train": len(train_blocks), "valid": min(len(valid_blocks), settings.valid_blocks)})
     return result
 

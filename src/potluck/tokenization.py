@@ -65,11 +65,12 @@ def train_tokenizer(texts: Sequence[str] | Iterable[str], vocab_size: int = 1600
     return tokenizer
 
 
-def save_tokenizer(tokenizer, folder: str | os.PathLike, *, corpus=None, vocab_size: int | None = None) -> Path:
+def save_tokenizer(tokenizer, folder: str | os.PathLike, *, corpus=None, vocab_size: int | None = None,
+                   overwrite: bool = False) -> Path:
     """Write the tokenizer files and a potluck.json (corpus fingerprint, sizes) atomically."""
     from potluck import __version__
 
-    with atomic_folder(folder) as tmp:
+    with atomic_folder(folder, overwrite=overwrite) as tmp:
         tokenizer.save_pretrained(tmp)
         meta = {"format": "potluck.tokenizer/1", "potluck_version": __version__,
                 "created": datetime.now(UTC).isoformat(timespec="seconds"),

@@ -30,7 +30,7 @@ from potluck.commons.formats import (
 )
 from potluck.commons.store import CHUNK, sha256_file
 from potluck.errors import UserError
-from potluck.fileio import atomic_folder
+from potluck.fileio import atomic_folder, check_output
 
 logger = logging.getLogger(__name__)
 
@@ -145,10 +145,12 @@ class CommonsClient:
     def base(self, version: int | None = None) -> dict:
         return self.get(f"/v1/bases/{'current' if version is None else version}")
 
-    def pull(self, out: str | os.PathLike, version: int | None = None) -> dict:
-        """Write base `version` (default: the current one) as a Hugging Face folder at `out`."""
+    def pull(self, out: str | os.PathLike, version: int | None = None, *, overwrite: bool = False) -> dict:
+        """Write base `version` (default: the current one) as a Hugging Face folder at `out` (an existing
+        non-empty folder only with `overwrite`)."""
+        check_output(out, overwrite=overwrite)
         info = self.base(version)
-        with atomic_folder(out) as tmp:
+        with atomic_folder(out, overwrite=overwrite) as tmp:
             for name, f in info["files"].items():
                 if not safe_file_name(name):  # never trust a file name from elsewhere
                     raise UserError(f"the commons lists an unsafe file name {name!r}", hint="tell its admin")

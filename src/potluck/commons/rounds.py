@@ -56,7 +56,7 @@ def base_folder(commons, version: int) -> Path:
     if (folder / WEIGHTS_FILE).exists():
         return folder
     manifest = read_manifest(commons.store.read_bytes(commons.registry.base(version).manifest_sha))
-    with atomic_folder(folder) as tmp:
+    with atomic_folder(folder, overwrite=True) as tmp:  # the commons' own cache
         for name, sha in manifest["files"].items():
             (tmp / name).symlink_to(commons.store.verify(sha).resolve())
     return folder
