@@ -235,15 +235,21 @@ def test_a_model_it_does_not_know_runs_on_transformers(folder, tmp_path):
     assert predictor.predict_proba(TEXTS).shape == (len(TEXTS), 2)
 
 
-def test_a_folder_missing_a_tensor_is_left_to_transformers(folder, tmp_path):
+def test_a_folder_missing_a_tensor_is_refused_not_patched_up(folder, tmp_path):
+    """Once left to transformers, which initialised the missing pooler at random (labels flipped between
+    runs); now a one-line error names the tensor (tests/test_folder.py has the other broken folders)."""
     from safetensors.torch import load_file, save_file
+
+    from potluck.errors import UserError
 
     other = tmp_path / "no-pooler"
     shutil.copytree(folder, other)
     tensors = load_file(other / "model.safetensors")
     save_file({k: v for k, v in tensors.items() if "pooler" not in k}, str(other / "model.safetensors"),
               metadata={"format": "pt"})
-    assert FastBert.from_folder(other) is None and FastBert.from_folder(folder) is not None
+    with pytest.raises(UserError, match="tensor bert.pooler.dense.bias is missing"):
+        FastBert.from_folder(other)
+    assert FastBert.from_folder(folder) is not None
 
 
 def test_predict_imports_neither_transformers_nor_sklearn(folder):

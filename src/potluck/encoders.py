@@ -88,10 +88,15 @@ def load_for_classification(base: str | os.PathLike, labels: list[str]):
     id2label = dict(enumerate(labels))
     config = load_config(base, num_labels=len(labels), id2label=id2label,
                          label2id={label: i for i, label in id2label.items()})
-    try:
-        model = AutoModelForSequenceClassification.from_pretrained(source, config=config, use_safetensors=True)
-    except (OSError, ValueError) as err:
-        raise UserError(f"could not load base '{base}' as an encoder ({err})", hint=_hub_hint(str(base))) from err
+    from potluck.folder import load_pretrained
+
+    try:  # the new head (and a pooler an MLM encoder lacks) start fresh; any other gap is an error
+        model, _ = load_pretrained(AutoModelForSequenceClassification, source, name=f"base '{base}'", config=config,
+                                   may_lack=("classifier.", "pooler."), may_add=("cls.", "lm_head.", "classifier."))
+    except UserError as err:
+        if "cannot load it" in err.message and not Path(source).exists():
+            raise UserError(err.message, hint=_hub_hint(str(base))) from None
+        raise
     logger.info("loaded base %s (%s, %.1fM parameters) with a new %d-label head",
                 base, config.model_type, model.num_parameters() / 1e6, len(labels))
     return model

@@ -8,10 +8,14 @@ it too (see `data.py`).
 from __future__ import annotations
 
 
-class UserError(Exception):
+class UserError(ValueError):
     """A mistake the user can fix: a bad path, a bad option, a model folder that is not ours."""
 
     def __init__(self, message: str, *, hint: str | None = None):
         self.message = message
         self.hint = hint
         super().__init__(f"{message}. {hint[:1].upper()}{hint[1:]}" if hint else message)
+
+
+class NonFiniteOutput(UserError):
+    """The model gave NaN or inf for a text: never passed on as a probability."""

@@ -217,15 +217,27 @@ class FastBert(nn.Module):
 
     @classmethod
     def from_folder(cls, folder: str | os.PathLike) -> FastBert | None:
-        """The runner for a model folder (config.json + model.safetensors), or None if unsupported."""
-        from safetensors.torch import load_file
+        """The runner for a model folder (config.json + model.safetensors), or None if unsupported.
+        The folder is checked first (potluck.folder): every tensor config.json implies, with its shape,
+        finite, and a label per row of the head; a UserError names what is wrong."""
+        from potluck.errors import UserError
+        from potluck.folder import RESAVE, check_labels, check_tensors, load_tensors, read_config
 
         folder = Path(folder)
-        config = json.loads((folder / "config.json").read_text())
-        weights = folder / "model.safetensors"
-        if not supports(config) or not weights.is_file():
-            return None
-        return cls.from_state_dict(config, load_file(weights))
+        config = read_config(folder)
+        try:
+            if not supports(config):
+                return None
+            expected = expected_tensors(config)
+        except KeyError as err:
+            raise UserError(f"{folder / 'config.json'}: field {err} is missing", hint=RESAVE) from None
+        except (TypeError, ValueError, AttributeError, ZeroDivisionError) as err:
+            raise UserError(f"{folder / 'config.json'}: a field is malformed ({err})", hint=RESAVE) from None
+        tensors = load_tensors(folder)
+        if "classifier.weight" in tensors:
+            check_labels(folder, config, tensors["classifier.weight"].shape[0])
+        check_tensors(folder, tensors, expected, optional=OPTIONAL_TENSORS)
+        return cls.from_state_dict(config, tensors)
 
     @classmethod
     def from_model(cls, model) -> FastBert | None:
@@ -334,6 +346,30 @@ def _no_random_init():
         _building.active = False
         for name, fn in saved.items():
             setattr(nn.init, name, fn)
+
+
+OPTIONAL_TENSORS = ("bert.embeddings.position_ids", "bert.embeddings.token_type_ids")  # buffers some savers keep
+
+
+def expected_tensors(config: dict) -> dict[str, tuple[int, ...]]:
+    """The tensors (transformers' names) and shapes of the BertForSequenceClassification `config` describes."""
+    hidden, inner = config["hidden_size"], config["intermediate_size"]
+    b = "bert."
+    shapes = {b + "embeddings.word_embeddings.weight": (config["vocab_size"], hidden),
+              b + "embeddings.position_embeddings.weight": (config["max_position_embeddings"], hidden),
+              b + "embeddings.token_type_embeddings.weight": (config.get("type_vocab_size", 2), hidden),
+              b + "embeddings.LayerNorm.weight": (hidden,), b + "embeddings.LayerNorm.bias": (hidden,),
+              b + "pooler.dense.weight": (hidden, hidden), b + "pooler.dense.bias": (hidden,),
+              "classifier.weight": (len(config["id2label"]), hidden), "classifier.bias": (len(config["id2label"]),)}
+    for i in range(config["num_hidden_layers"]):
+        p = f"{b}encoder.layer.{i}."
+        for name, rows, cols in (("attention.self.query", hidden, hidden), ("attention.self.key", hidden, hidden),
+                                 ("attention.self.value", hidden, hidden), ("attention.output.dense", hidden, hidden),
+                                 ("intermediate.dense", inner, hidden), ("output.dense", hidden, inner)):
+            shapes[p + name + ".weight"], shapes[p + name + ".bias"] = (rows, cols), (rows,)
+        for norm in ("attention.output.LayerNorm", "output.LayerNorm"):
+            shapes[p + norm + ".weight"], shapes[p + norm + ".bias"] = (hidden,), (hidden,)
+    return shapes
 
 
 def _renamed(tensors: dict[str, torch.Tensor], layers: int) -> dict[str, torch.Tensor]:

@@ -38,6 +38,7 @@ from potluck.encoders import load_for_classification, load_tokenizer, resolve_ba
 from potluck.errors import UserError
 from potluck.evaluation import classification_metrics
 from potluck.fileio import atomic_folder, atomic_write_json
+from potluck.folder import HEADS, load_pretrained
 from potluck.hardware import plan_precision
 
 logger = logging.getLogger(__name__)
@@ -119,7 +120,8 @@ class FrozenEncoder:
         self.settings = settings
         self.tokenizer = load_tokenizer(base)
         self.device = torch.device(settings.device)
-        self.model = AutoModel.from_pretrained(resolve_base(base), use_safetensors=True).to(self.device).eval()
+        self.model = load_pretrained(AutoModel, resolve_base(base), name=f"base '{base}'", may_lack=("pooler.",),
+                                     may_add=HEADS)[0].to(self.device).eval()
         self.bf16 = plan_precision(settings.precision, self.device, purpose="training").bf16
 
     @torch.inference_mode()

@@ -46,7 +46,7 @@ import torch
 
 from potluck.batching import inference_batches, pad, tokenize
 from potluck.calibration import softmax
-from potluck.errors import UserError
+from potluck.errors import NonFiniteOutput, UserError
 from potluck.fastbert import FastBert, FastTokenizer
 from potluck.hardware import INFERENCE_PRECISIONS, plan_precision
 
@@ -152,12 +152,10 @@ class Predictor:
     def from_folder(cls, path: str | os.PathLike, *, backend: str = "torch", **kwargs) -> Predictor:
         """Load a Hugging Face model folder (safetensors only); max_length from its potluck.json.
         backend 'onnx': its onnx/ export on ONNX Runtime (see `potluck export`)."""
+        from potluck.folder import check_tokenizer, read_config
+
         path = Path(path)
-        if not (path / "config.json").is_file():
-            if not path.exists():
-                raise UserError(f"no such model folder: {path}", hint="pass the --out folder of `potluck finetune`")
-            raise UserError(f"{path} is not a model folder (no config.json)",
-                            hint="pass the --out folder of `potluck finetune`")
+        check_tokenizer(path, read_config(path))  # a missing tokenizer is an error, never a default one
         if backend not in BACKENDS:
             raise UserError(f"unknown backend '{backend}'", hint=f"use one of {', '.join(BACKENDS)}")
         if kwargs.get("max_length") is None:
@@ -176,10 +174,9 @@ class Predictor:
         encoder = FastTokenizer.from_folder(path, kwargs["max_length"]) if runner is not None else None
         if runner is not None and encoder is not None:  # no transformers needed
             return cls(folder=path, reference=runner, encoder=encoder, **kwargs)
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoTokenizer
 
-        model = AutoModelForSequenceClassification.from_pretrained(path, use_safetensors=True)
-        return cls(model, AutoTokenizer.from_pretrained(path), folder=path, **kwargs)
+        return cls(load_checked(path), AutoTokenizer.from_pretrained(path), folder=path, **kwargs)
 
     @property
     def reference(self):
@@ -192,10 +189,7 @@ class Predictor:
     def model(self):
         """The fp32 transformers model (loaded from the folder on first use)."""
         if self._model is None:
-            from transformers import AutoModelForSequenceClassification
-
-            self._model = AutoModelForSequenceClassification.from_pretrained(self.folder, use_safetensors=True)
-            self._model.eval()
+            self._model = load_checked(self.folder).eval()
         return self._model
 
     @property
@@ -247,8 +241,9 @@ class Predictor:
                            batch_size=self.batch_size, max_tokens=self.max_tokens, pool=None if here else self.pool)
 
     def logits(self, texts: Sequence[str]) -> np.ndarray:
-        """Logits (N, C) for texts; the temperature is already folded into them."""
-        return self.logits_from_ids(self.encode(texts))
+        """Logits (N, C) for texts; the temperature is already folded into them. NonFiniteOutput (a
+        UserError) where the model gives NaN or inf: never a number that is not one."""
+        return check_finite_output(self.logits_from_ids(self.encode(texts)), self.folder)
 
     def predict_proba(self, texts: Sequence[str]) -> np.ndarray:
         """Calibrated probabilities (N, C) as float32; columns follow `labels`."""
@@ -322,6 +317,27 @@ def quantize_dynamic_int8(model):
         warnings.simplefilter("ignore")  # quantize_dynamic is deprecated in favour of torchao
         return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear: per_channel_dynamic_qconfig},
                                                       dtype=torch.qint8, inplace=False)
+
+
+def check_finite_output(logits: np.ndarray, folder: Path | None = None) -> np.ndarray:
+    """`logits`, or NonFiniteOutput naming the first text whose scores are NaN or inf."""
+    bad = ~np.isfinite(logits).all(axis=1)
+    if bad.any():
+        where = f"{folder}: " if folder is not None else ""
+        raise NonFiniteOutput(f"{where}the model gave a non-finite score (NaN or inf) for text {int(np.argmax(bad))} "
+                              f"({int(bad.sum())} of {len(logits)} texts)",
+                              hint="its answers cannot be trusted: check or re-train the model")
+    return logits
+
+
+def load_checked(folder: Path):
+    """transformers' AutoModelForSequenceClassification from a folder, refusing what it would otherwise
+    patch up: a missing or mismatched tensor (initialised at random), an unused one, a non-finite value."""
+    from transformers import AutoModelForSequenceClassification
+
+    from potluck.folder import load_pretrained
+
+    return load_pretrained(AutoModelForSequenceClassification, folder)[0]
 
 
 def folder_max_length(folder: Path) -> int:

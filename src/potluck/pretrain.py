@@ -33,6 +33,7 @@ from potluck import distributed
 from potluck.errors import UserError
 from potluck.fileio import check_output
 from potluck.finetune import make_optimizer, resolve_device
+from potluck.folder import load_pretrained
 from potluck.hardware import plan_precision
 from potluck.mlm import Masker, PretrainCheckpoints, mlm_logits
 
@@ -135,13 +136,9 @@ def build_model(tokenizer, settings: PretrainSettings, base: str | None = None):
     if len(tokenizer) > config.vocab_size:
         raise UserError(f"the tokenizer has {len(tokenizer)} tokens but base '{base}' only {config.vocab_size}",
                         hint="continue with the base's own tokenizer (drop --tokenizer)")
-    model, info = BertForMaskedLM.from_pretrained(resolve_base(base), use_safetensors=True,
-                                                  output_loading_info=True)
+    model, info = load_pretrained(BertForMaskedLM, resolve_base(base), name=f"base '{base}'", may_lack=("cls.",),
+                                  may_add=("pooler.", "classifier."))
     new_head = sorted(k for k in info["missing_keys"] if k.startswith("cls."))
-    new_body = sorted(k for k in info["missing_keys"] if not k.startswith("cls."))
-    if new_body:
-        raise UserError(f"base '{base}' lacks encoder weights ({', '.join(new_body[:3])}...)",
-                        hint="check that it is a complete BERT folder")
     note = "continued from its own masked-LM head"
     if new_head:
         model.config.tie_word_embeddings = True
@@ -431,7 +428,8 @@ def fill_mask(folder: str | os.PathLike, texts: str | list[str], top_k: int = 5)
         raise UserError(f"{path} is not a model folder (no config.json)", hint="pass the --out folder of `potluck pretrain`")
     if not 1 <= top_k <= 100:
         raise UserError(f"top_k {top_k} is out of range", hint="use 1 to 100")
-    model, info = AutoModelForMaskedLM.from_pretrained(path, use_safetensors=True, output_loading_info=True)
+    model, info = load_pretrained(AutoModelForMaskedLM, path, may_lack=(".predictions.", "lm_head", "cls."),
+                                  may_add=("pooler.", "classifier."))
     if any(".predictions." in key or "lm_head" in key for key in info["missing_keys"]):
         raise UserError(f"{path} has no masked-LM head (an encoder without one, or a classifier)",
                         hint=f"give it one with `potluck pretrain --from {path} ...`")

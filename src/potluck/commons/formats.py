@@ -56,12 +56,10 @@ def export_encoder(source: str | os.PathLike, folder: Path) -> None:
     from transformers import AutoModel
 
     from potluck.encoders import load_tokenizer, resolve_base
+    from potluck.folder import HEADS, load_pretrained
 
-    try:
-        model = AutoModel.from_pretrained(resolve_base(source), use_safetensors=True)
-    except (OSError, ValueError) as err:
-        raise UserError(f"could not load base '{source}' as an encoder ({err.__class__.__name__}: {err})",
-                        hint="pass 'minilm' or a Hugging Face folder with config.json and model.safetensors") from None
+    model, _ = load_pretrained(AutoModel, resolve_base(source), name=f"base '{source}'", may_lack=("pooler.",),
+                               may_add=HEADS)
     model.save_pretrained(folder, safe_serialization=True)
     load_tokenizer(source).save_pretrained(folder)
 

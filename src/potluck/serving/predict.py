@@ -23,7 +23,8 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
 from potluck.calibration import softmax
-from potluck.errors import UserError
+from potluck.errors import NonFiniteOutput, UserError
+from potluck.inference import check_finite_output
 from potluck.serving.limits import BodyTooLarge, too_large_message
 from potluck.serving.schemas import PredictRequest
 from potluck.serving.settings import ServeSettings
@@ -73,6 +74,11 @@ async def classify(body: bytes, model: ServedModel, settings: ServeSettings, tok
     except UserError as err:
         raise ApiError(422, str(err)) from err
     logits = await model.batcher.submit(ids)  # (N, C)
+    try:
+        check_finite_output(logits, model.predictor.folder)
+    except NonFiniteOutput as err:  # the server's fault, not the client's: 500, counted in /metrics by code
+        logger.error("%s", err)
+        raise ApiError(500, err.message) from err
     scores = logits if req.raw_scores else softmax(logits)
     labels = model.predictor.labels
     ranked = [[{"label": labels[j], "score": round(float(row[j]), 6)} for j in np.argsort(-row, kind="stable")]
