@@ -164,3 +164,19 @@ def test_training_precision_follows_the_cpu(tiny_encoder, kind, runs):
     with pretend(kind):
         clf = TextClassifier(base=tiny_encoder, **{**FAST, "epochs": 1, "precision": "bf16"}).fit(texts, labels)
     assert clf.training_summary()["precision"] == runs
+
+
+def test_a_scikit_learn_estimator_clone_cross_validation_and_grid_search(tiny_encoder):
+    from conftest import toy_texts
+    from sklearn.base import clone, is_classifier
+    from sklearn.model_selection import cross_val_score
+
+    clf = TextClassifier(base=tiny_encoder, **{**FAST, "epochs": 1})
+    twin = clone(clf)
+    assert twin is not clf and twin.get_params() == clf.get_params() and is_classifier(clf)
+    assert clf.set_params(epochs=2, seed=3) is clf and clf.settings.epochs == 2 and clf.get_params()["seed"] == 3
+    with pytest.raises(ValueError, match="unknown parameter"):
+        clf.set_params(epoch=2)
+    texts, labels = toy_texts(90)
+    scores = cross_val_score(TextClassifier(base=tiny_encoder, **FAST), texts, labels, cv=3)
+    assert scores.shape == (3,) and scores.mean() > 0.8

@@ -63,7 +63,9 @@ def test_finetune_predict_evaluate_round_trip(model_dir, train_file, tmp_path):
     batch = run("predict", model_dir, "--input", train_file, "--text-column", "body", "--output", scored)
     assert batch.returncode == 0, batch.stderr
     first = json.loads(scored.read_text().splitlines()[0])
-    assert {"text", "label", "score", "p_urgent", "p_calm"} <= set(first)
+    # the input's own columns stay (body, and its label column 'urgency'); ours are added beside them
+    assert {"body", "urgency", "predicted_label", "predicted_score", "p_urgent", "p_calm"} <= set(first)
+    assert first["predicted_label"] in ("urgent", "calm") and first["urgency"] in ("urgent", "calm")
 
     evaluation = run("evaluate", model_dir, "--data", train_file, "--text-column", "body",
                      "--label-column", "urgency", "--json")

@@ -339,7 +339,7 @@ def test_tiny_class_and_conflict_and_duplicate_warnings(caplog):
     labels = ["a"] + ["a"] * 10 + ["b", "a", "a", "a"]
     with caplog.at_level("WARNING", logger="potluck.data"):
         warnings = check_training_data(labelled(texts, labels), min_per_class=8)
-    tiny = [w for w in warnings if "'b'" in w and "only 1 example" in w]
+    tiny = [w for w in warnings if "1 of 2 classes have fewer than 8 examples ('b' 1)" in w]
     conflict = [w for w in warnings if "conflicting" in w]
     assert tiny and conflict and "lines 2 and 13" in conflict[0]
     assert any("2 example(s) are exact duplicates" in w for w in warnings)
@@ -407,3 +407,31 @@ def test_split_min_valid_and_bad_inputs():
         stratified_split(data, 1.5)
     with pytest.raises(DataError, match="single example"):
         stratified_split(labelled("ab", ["x", "y"]), 0.5)
+
+
+def test_read_records_keeps_every_column_in_read_texts_order(tmp_path):
+    from potluck.data import fresh_names, read_records, read_texts
+
+    csv_file = tmp_path / "in.csv"
+    csv_file.write_text('id,text,label\n1,"server, down",urgent\n\n2,thanks,calm\n')
+    assert read_records(csv_file) == [{"id": "1", "text": "server, down", "label": "urgent"},
+                                      {"id": "2", "text": "thanks", "label": "calm"}]
+    assert read_texts(csv_file).texts == [r["text"] for r in read_records(csv_file)]
+    jsonl = tmp_path / "in.jsonl"
+    jsonl.write_text('{"text": "a", "meta": {"k": 1}}\n\n{"text": "b", "meta": null}\n')
+    assert [r["meta"] for r in read_records(jsonl)] == [{"k": 1}, None]
+    names = fresh_names(["predicted_label", "p_x", "p_y"], {"predicted_label", "p_x", "potluck_p_x"})
+    assert names == {"predicted_label": "potluck_predicted_label", "p_x": "potluck_p_x_2", "p_y": "p_y"}
+
+
+def test_many_small_classes_give_one_warning_line(caplog):
+    import logging
+
+    from potluck.data import LabelledData, check_training_data
+
+    texts = [f"text {i}" for i in range(300)]
+    labels = [f"intent_{i % 77}" for i in range(300)]  # 77 classes of 3 or 4 examples, as 300 banking77 rows
+    with caplog.at_level(logging.WARNING):
+        warnings = check_training_data(LabelledData(texts, labels))
+    assert len(warnings) == 1 and "77 of 77 classes have fewer than 8 examples" in warnings[0]
+    assert len([r for r in caplog.records if r.levelno >= logging.WARNING]) == 1

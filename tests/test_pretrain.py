@@ -256,6 +256,9 @@ def test_continued_pretraining_ties_a_new_head_to_the_input_embeddings(tiny_enco
             assert torch.equal(frozen.bert.state_dict()[name], value), name  # the encoder did not move
     meta = json.loads((tmp_path / "adapted" / "potluck.json").read_text())
     assert meta["base"] == str(tiny_encoder) and "tied" in meta["head"] and result.steps == 5
+    # the steps are reported honestly: 3 trained the head alone, 2 the encoder; 0 in the head-only run
+    assert (result.head_only_steps, result.encoder_steps) == (3, 2) and meta["training"]["encoder_steps"] == 2
+    assert (head_only.head_only_steps, head_only.encoder_steps) == (3, 0)
     # the base's pooler is carried on, so fine-tuning starts from it as it would from the base
     from transformers import AutoModelForSequenceClassification, BertModel
 

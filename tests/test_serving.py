@@ -149,7 +149,11 @@ def test_health_ready_info_docs(client):
     assert info["limits"]["max_texts"] == 8 and info["auth"] is False
     paths = client.get("/openapi.json").json()["paths"]
     assert "requestBody" in paths["/v1/models/urgency/predict"]["post"]
-    assert client.get("/docs").status_code == 200
+    docs = client.get("/docs")
+    assert docs.status_code == 200 and "cdn" not in docs.text.lower()  # offline: the files come from the package
+    for asset in ("swagger-ui-bundle.js", "swagger-ui.css"):
+        assert f"/static-offline-docs/{asset}" in docs.text
+        assert client.get(f"/static-offline-docs/{asset}").status_code == 200
 
 
 def test_metrics_count_requests_and_batches(client):

@@ -88,3 +88,23 @@ def test_the_page_asks_for_a_key_when_the_server_needs_one(browser, folders, tmp
         assert page.get_by_role("alert").is_hidden()
         page.wait_for_timeout(500)
         screenshot(page, tmp_path, "page-with-key.png")
+
+
+def test_the_api_docs_render_without_network(browser, folders, tmp_path):
+    """/docs once loaded Swagger UI from a CDN and stayed blank offline; its files now come from the
+    package. Any request that leaves localhost is blocked here, and the operations still render."""
+    with Server(folders[0], "--precision", "fp32") as server:
+        page = browser.new_page(viewport={"width": 1000, "height": 900})
+        outside = []
+
+        def only_local(route):
+            if route.request.url.startswith(server.url):
+                return route.continue_()
+            outside.append(route.request.url)
+            return route.abort()
+
+        page.route("**/*", only_local)
+        page.goto(server.url + "/docs")
+        page.get_by_text("/v1/models/urgency/predict").first.wait_for(timeout=15_000)
+        screenshot(page, tmp_path, "docs.png")
+        assert outside == []

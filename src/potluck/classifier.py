@@ -21,38 +21,60 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from sklearn.base import BaseEstimator, ClassifierMixin
 
 from potluck import __version__, calibration, distributed, modelcard
 from potluck.batching import tokenize
 from potluck.data import LabelledData, check_known_labels, check_training_data, stratified_split
-from potluck.encoders import DEFAULT_BASE, load_for_classification, load_tokenizer, resolve_base
+from potluck.encoders import DEFAULT_BASE, load_config, load_for_classification, load_tokenizer, resolve_base
 from potluck.errors import UserError
 from potluck.evaluation import classification_metrics
 from potluck.fileio import atomic_folder, atomic_write_json
 from potluck.finetune import FinetuneSettings, run
+from potluck.folder import quiet_transformers
 from potluck.inference import Predictor, batched_logits
 
 logger = logging.getLogger(__name__)
 
-SETTING_NAMES = {f.name for f in fields(FinetuneSettings)}
+SETTING_NAMES = [f.name for f in fields(FinetuneSettings)]
 
 
-class TextClassifier:
+class TextClassifier(ClassifierMixin, BaseEstimator):
     """A pre-trained encoder plus a classification head, fine-tuned and calibrated.
 
     Parameters: `base` ("minilm", a model folder or a hub id) and any `FinetuneSettings` field
     (epochs, batch_size, learning_rate, class_weights, precision, seed, ...), or `settings=`.
+    A scikit-learn estimator: `get_params` / `set_params` name `base` and every setting, so
+    `sklearn.base.clone`, `cross_val_score` and grid searches work; `score` is accuracy.
     """
 
     def __init__(self, base: str | os.PathLike = DEFAULT_BASE, *, settings: FinetuneSettings | None = None,
                  **overrides):
-        unknown = set(overrides) - SETTING_NAMES
+        unknown = set(overrides) - set(SETTING_NAMES)
         if unknown:
             raise TypeError(f"unknown setting(s): {', '.join(sorted(unknown))}")
         self.base = str(base)
         self.settings = settings or FinetuneSettings()
         if overrides:
             self.settings = FinetuneSettings(**{**asdict(self.settings), **overrides})
+
+    def get_params(self, deep: bool = True) -> dict:
+        """The constructor's parameters: `base` and every FinetuneSettings field."""
+        return {"base": self.base, **{name: getattr(self.settings, name) for name in SETTING_NAMES}}
+
+    def set_params(self, **params) -> TextClassifier:
+        unknown = set(params) - set(SETTING_NAMES) - {"base"}
+        if unknown:
+            raise ValueError(f"unknown parameter(s) for TextClassifier: {', '.join(sorted(unknown))}")
+        if "base" in params:
+            self.base = str(params.pop("base"))
+        self.settings = FinetuneSettings(**{**asdict(self.settings), **params})
+        return self
+
+    def score(self, texts: Sequence[str], labels: Sequence, sample_weight=None) -> float:
+        """Accuracy on (texts, labels), labels compared as strings (as `fit` stores them)."""
+        hits = np.asarray(self.predict(list(texts))) == np.asarray([str(y) for y in labels])
+        return float(np.average(hits, weights=sample_weight))
 
     # -- learning ---------------------------------------------------------------------------------
 
@@ -66,6 +88,10 @@ class TextClassifier:
             valid = LabelledData(list(valid[0]), [str(y) for y in valid[1]])
         s = self.settings
         resolve_base(self.base)  # a wrong base fails before any work is done
+        positions = getattr(load_config(self.base), "max_position_embeddings", None)
+        if isinstance(positions, int) and s.max_length > positions:
+            raise UserError(f"max_length {s.max_length} is longer than base '{self.base}' allows ({positions} "
+                            "positions)", hint=f"use --max-length {positions} or less")
         self.warnings_ = check_training_data(train, valid)
         valid_source = valid.path or "given" if valid is not None else f"{s.valid_fraction:.0%} stratified split"
         if valid is None:
@@ -91,16 +117,25 @@ class TextClassifier:
 
         valid_logits = batched_logits(model, valid_ids, pad_id=tokenizer.pad_token_id, bf16=result.bf16,
                                       device=next(model.parameters()).device)
-        self.temperature_ = calibration.fit_temperature(valid_logits, y_valid) if s.calibrate else 1.0
+        temperature = calibration.fit_temperature(valid_logits, y_valid) if s.calibrate else 1.0
         probs_before = calibration.softmax(valid_logits)
+        ece_before = calibration.expected_calibration_error(probs_before, y_valid)
+        ece_fitted = calibration.expected_calibration_error(calibration.softmax(valid_logits, temperature), y_valid)
+        kept = not s.calibrate or ece_fitted <= ece_before
+        if not kept:  # the fitted temperature made validation ECE worse: keep the model's own probabilities
+            logger.warning("calibration not kept: temperature %.3f raised validation ECE from %.4f to %.4f",
+                           temperature, ece_before, ece_fitted)
+        self.temperature_ = temperature if kept else 1.0
         probs_after = calibration.softmax(valid_logits, self.temperature_)
         calibration.fold_temperature(model, self.temperature_)
         self.calibration_ = {
-            "method": "temperature" if s.calibrate else "none",
+            "method": "temperature" if s.calibrate and kept else "none",
             "temperature": self.temperature_,
-            "ece_before": calibration.expected_calibration_error(probs_before, y_valid),
+            "ece_before": ece_before,
             "ece_after": calibration.expected_calibration_error(probs_after, y_valid),
             "fitted_on": "validation split",
+            **({} if kept else {"not_kept": f"temperature {temperature:.4g} raised validation ECE from "
+                                            f"{ece_before:.4f} to {ece_fitted:.4f}"}),
         }
         valid_metrics = classification_metrics(y_valid, probs_after, self.classes_)
         self.metrics_ = {"valid": {k: v for k, v in valid_metrics.items() if k != "per_class"}}
@@ -147,7 +182,7 @@ class TextClassifier:
         if not distributed.context().is_main:
             return Path(path)  # under torchrun, rank 0 writes the folder
         meta = self.metadata(command=command, name=Path(path).name)
-        with atomic_folder(path, overwrite=overwrite) as tmp:
+        with atomic_folder(path, overwrite=overwrite) as tmp, quiet_transformers():
             self.predictor_.model.save_pretrained(tmp, safe_serialization=True)
             self.predictor_.tokenizer.save_pretrained(tmp)
             atomic_write_json(tmp / "potluck.json", meta)

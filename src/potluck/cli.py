@@ -110,6 +110,8 @@ def finetune(
     from potluck.data import read_data
 
     ctx = distributed.context()
+    if nproc < 1:
+        raise UserError(f"--nproc must be at least 1, got {nproc}")
     if nproc > 1 and not ctx.enabled:
         distributed.launch(nproc, without_option(sys.argv[1:], "--nproc"))
         return
@@ -136,8 +138,11 @@ def finetune(
     console.print(f"best epoch {r.best_epoch} of {r.epochs_run} ({r.examples_per_s:.1f} examples/s, "
                   f"{'bf16' if r.bf16 else 'fp32'}{procs}); validation accuracy {m['accuracy']:.3f}, "
                   f"macro-F1 {m['macro_f1']:.3f}")
-    console.print(f"calibration: temperature {cal['temperature']:.3f}, "
-                  f"ECE {cal['ece_before']:.4f} -> {cal['ece_after']:.4f}")
+    if "not_kept" in cal:
+        console.print(f"calibration not kept: {cal['not_kept']}; the model's own probabilities stay", highlight=False)
+    else:
+        console.print(f"calibration: temperature {cal['temperature']:.3f}, "
+                      f"ECE {cal['ece_before']:.4f} -> {cal['ece_after']:.4f}")
     console.print(f"saved [bold]{out_dir}[/]")
 
 
@@ -208,7 +213,7 @@ def predict(
     """Predict labels with calibrated probabilities for texts or a file of texts."""
     import time
 
-    from potluck.data import check_writable_format, read_texts, write_rows
+    from potluck.data import check_writable_format, fresh_names, read_records, read_texts, write_rows
     from potluck.inference import Predictor
 
     if format not in ("table", "json"):
@@ -231,10 +236,13 @@ def predict(
             check = predictor.agreement_with_fp32(items, probs, sample=fp32_check)
             console.print(f"{predictor.precision_used} against fp32 on {check['sample']} of these texts: labels agree "
                           f"on {100 * check['agreement']:.1f} %, max |dp| {check['max_abs_dp']:.4f}", highlight=False)
-    if output:
-        rows = [{"text": t, "label": labels[int(p.argmax())], "score": float(p.max()),
-                 **{f"p_{label}": float(v) for label, v in zip(labels, p, strict=True)}}
-                for t, p in zip(items, probs, strict=True)]
+    if output:  # the input's own columns, then ours under names that collide with none of them
+        records = read_records(input, text_column) if input else [{"text": t} for t in items]
+        ours = ["predicted_label", "predicted_score", *(f"p_{label}" for label in labels)]
+        name = fresh_names(ours, {key for record in records for key in record})
+        rows = [{**record, name["predicted_label"]: labels[int(p.argmax())], name["predicted_score"]: float(p.max()),
+                 **{name[f"p_{label}"]: float(v) for label, v in zip(labels, p, strict=True)}}
+                for record, p in zip(records, probs, strict=True)]
         write_rows(output, rows)
         console.print(f"wrote {len(rows)} predictions to {output}")
         return
@@ -501,11 +509,14 @@ def pretrain_command(
     from potluck.pretrain import check_source, pretrain
 
     ctx = distributed.context()
+    if nproc < 1:
+        raise UserError(f"--nproc must be at least 1, got {nproc}")
     if nproc > 1 and not ctx.enabled:
         distributed.launch(nproc, without_option(sys.argv[1:], "--nproc"))
         return
     s = PretrainSettings(**settings)
     check_source(tokenizer, base)
+    check_output(out_dir, overwrite=overwrite)
     docs = read_corpus(corpus, text_column=text_column, per_file=per_file)
     checkpoint_dir = checkpoint_dir or out_dir.with_name(out_dir.name + ".checkpoints")
     what = f"continuing [bold]{base}[/]" if base else f"a new [bold]{s.size}[/] encoder"
@@ -522,6 +533,12 @@ def pretrain_command(
     if not keep_checkpoints:
         remove_checkpoints(checkpoint_dir)
     end = result.evals[-1]
+    if result.head_only_steps:
+        console.print(f"{result.head_only_steps} of the {result.steps} steps trained the new masked-LM head alone; "
+                      f"{result.encoder_steps} trained the encoder", highlight=False)
+        if result.encoder_steps == 0:
+            console.print(f"[yellow]warning:[/] the encoder itself was not trained: raise --max-steps (or the "
+                          f"time budget) past --new-head-steps {s.new_head_steps}")
     console.print(f"{result.steps} steps, {result.tokens} tokens in {result.seconds:.0f} s "
                   f"({result.tokens_per_s:.0f} tokens/s, {'bf16' if result.bf16 else 'fp32'}; stopped by "
                   f"{result.stopped_by}); held-out loss {result.evals[0]['loss']:.3f} -> {end['loss']:.3f}, "
@@ -622,6 +639,8 @@ def check_port_free(host: str, port: int) -> None:
     """A UserError now, rather than a uvicorn traceback after the models load, if the port is taken."""
     import socket
 
+    if not 1 <= port <= 65535:
+        raise UserError(f"--port {port} is not a TCP port", hint="use 1 to 65535, e.g. 8080")
     try:
         with socket.create_server((host, port)):
             pass
@@ -722,6 +741,7 @@ def commons_serve(
     from potluck.commons.api import create_app
     from potluck.commons.service import Commons
 
+    check_port_free(host, port)
     commons = Commons.open(root, db, CommonsSettings(**settings))
     console.print(f"serving the commons in [bold]{root}[/] ({commons.registry.engine.dialect.name}) on "
                   f"http://{host}:{port}  (API docs: /docs)")

@@ -152,6 +152,40 @@ def read_texts(path: PathLike, text_column: str = "text", *, label_column: str |
     return read_data(path, text_column, label_column, require_labels=False)
 
 
+def read_records(path: PathLike, text_column: str = "text") -> list[dict]:
+    """Every row of a data file with all its columns, in the order `read_texts` gives its texts (blank
+    lines skipped alike): what `potluck predict --output` writes back beside its own columns."""
+    p = Path(path)
+    fmt = _format_of(p, allow_txt=True)
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(p).to_pylist()
+    text = _read_text(p)
+    if fmt == "txt":
+        return [{text_column: line} for _, line in _text_lines(text)]
+    if fmt == "jsonl":
+        return [json.loads(line) for _, line in _text_lines(text)]
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=_DELIMITERS[fmt], strict=True)
+    records = [row for row in reader if any(field.strip() for field in row)]
+    header = [name.strip() for name in records[0]]
+    return [dict(zip(header, row, strict=True)) for row in records[1:]]
+
+
+def fresh_names(wanted: Sequence[str], taken: Iterable[str]) -> dict[str, str]:
+    """Each wanted column name, or `potluck_<name>` (then `potluck_<name>_2`, ...) where it is taken."""
+    taken = set(taken)
+    names = {}
+    for name in wanted:
+        new, n = (name, 1) if name not in taken else (f"potluck_{name}", 1)
+        while new in taken:
+            n += 1
+            new = f"potluck_{name}_{n}"
+        names[name] = new
+        taken.add(new)
+    return names
+
+
 def _format_of(path: PathLike, *, allow_txt: bool) -> str:
     """The format of `path` by suffix, after checking the file exists and is a file."""
     p = Path(path)
@@ -379,9 +413,15 @@ def check_training_data(train: LabelledData, valid: LabelledData | None = None, 
         only = f"only one class {next(iter(counts))!r}" if counts else "no examples"
         raise DataError(f"{only} in the training data: a classifier needs at least two labels", path=train.path,
                         hint="Add examples of other classes, or check --label-column")
-    warnings = [f"{train.path or 'train'}: class {name!r} has only {n} example{'s' * (n != 1)} (fewer than "
-                f"{min_per_class}): its predictions will be unreliable; add more examples"
-                for name, n in sorted(counts.items()) if n < min_per_class]
+    small = sorted(((n, name) for name, n in counts.items() if n < min_per_class), key=lambda c: (c[0], c[1]))
+    warnings = []
+    if small:  # one line however many classes are small; each is listed on --verbose
+        shown = ", ".join(f"{name!r} {n}" for n, name in small[:3]) + (", ..." if len(small) > 3 else "")
+        warnings.append(f"{train.path or 'train'}: {len(small)} of {len(counts)} classes have fewer than "
+                        f"{min_per_class} examples ({shown}): their predictions will be unreliable; add more "
+                        "examples" + (" (each is listed with --verbose)" if len(small) > 3 else ""))
+        for n, name in small:
+            logger.info("class %r has %d example%s", name, n, "s" * (n != 1))
     warnings += _duplicate_warnings(train)
     if valid is not None:
         for i, label in enumerate(_labels_of(valid, "validation")):

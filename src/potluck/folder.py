@@ -13,9 +13,10 @@ NaN or infinite weights are refused before the first prediction (they would answ
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 from potluck.errors import UserError
@@ -135,7 +136,9 @@ def load_pretrained(model_class, source: str | os.PathLike, *, name: str | None 
     head), and a non-finite value. Returns (model, loading info); every refusal is one UserError line."""
     name = name or str(source)
     try:
-        model, info = model_class.from_pretrained(source, use_safetensors=True, output_loading_info=True, **kwargs)
+        with quiet_transformers():
+            model, info = model_class.from_pretrained(source, use_safetensors=True, output_loading_info=True,
+                                                      **kwargs)
     except UserError:
         raise
     except (OSError, ValueError, RuntimeError, KeyError, TypeError, AttributeError) as err:
@@ -152,3 +155,20 @@ def load_pretrained(model_class, source: str | os.PathLike, *, name: str | None 
     missing = set(info.get("missing_keys", []))
     check_finite(name, ((k, v) for k, v in model.state_dict().items() if k not in missing))
     return model, info
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """transformers' load reports and progress bars off for the block (a library talks through logging;
+    Potluck checks and reports what matters itself); its own settings are put back after."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()

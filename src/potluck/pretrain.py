@@ -111,6 +111,12 @@ class PretrainResult:
     bf16: bool
     evals: list[dict]               # held-out metrics: step, loss, perplexity, accuracy, masked_tokens
     history: list[dict] = field(repr=False)  # one row per step: step, epoch, loss, lr
+    head_only_steps: int = 0        # of `steps`, those that trained a new MLM head alone (encoder frozen)
+
+    @property
+    def encoder_steps(self) -> int:
+        """Steps that updated the encoder itself."""
+        return self.steps - self.head_only_steps
 
 
 def build_model(tokenizer, settings: PretrainSettings, base: str | None = None):
@@ -272,7 +278,8 @@ def run(model, train_blocks: np.ndarray, valid_blocks: np.ndarray, masker: Maske
     tokens_per_s = run_steps * per_step * train_blocks.shape[1] / train_seconds if train_seconds else 0.0
     return PretrainResult(steps=state["step"], tokens=state["tokens"], seconds=state["seconds"],
                           tokens_per_s=tokens_per_s, stopped_by=stopped_by, bf16=bf16,
-                          evals=state["evals"], history=state["history"])
+                          evals=state["evals"], history=state["history"],
+                          head_only_steps=min(state["step"], head_steps))
 
 
 def _lr_factor(step: int, plan: dict) -> float:

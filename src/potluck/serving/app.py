@@ -28,6 +28,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
 
@@ -141,7 +142,8 @@ def create_app(folders: Sequence[str | os.PathLike] = (), settings: ServeSetting
                 await processes.stop()
             app.state.tokenizer_thread.shutdown(wait=True)
 
-    app = FastAPI(title="Potluck", version=__version__, lifespan=lifespan,
+    # FastAPIOffline: /docs and /redoc from files in the package, not a CDN (they work without network)
+    app = FastAPIOffline(title="Potluck", version=__version__, lifespan=lifespan,
                   description="Text classification with calibrated probabilities. Request and response shapes "
                               "follow text-embeddings-inference's /predict.")
     routes: dict = {}  # path -> (model, its FastAPI route): PredictRoutes answers them (see potluck.serving.predict)
