@@ -194,6 +194,12 @@ CASES = [
     ("serve with an empty key file", ["serve", M, "--port", "18996", "--api-key-file", "{root}/keys.txt"],
      ["keys.txt"]),
     ("fuse into its input", ["fuse", M, "--out", M], ["--out"]),
+    ("fuse a pickle renamed", ["fuse", M, "{root}/m-pickle", "--base", "{root}/encoder", "--out", "{root}/fused"],
+     ["m-pickle", "safetensors"]),
+    ("fuse a truncated file", ["fuse", M, "{root}/m-truncated", "--base", "{root}/encoder", "--out", "{root}/fused"],
+     ["m-truncated", "safetensors"]),
+    ("fuse a bad config", ["fuse", M, "{root}/m-bad-json", "--base", "{root}/encoder", "--out", "{root}/fused"],
+     ["m-bad-json"]),
     ("curve sizes", ["curve", "--data", "{root}/train.csv", "--test", "{root}/test.jsonl", "--sizes", "a,b"],
      ["--sizes"]),
 ]

@@ -43,14 +43,24 @@ class WeightFile:
     """
 
     def __init__(self, folder: str | os.PathLike, prefix: str):
+        from safetensors import SafetensorError
+
+        from potluck.folder import read_config
+
         self.folder = Path(folder)
         self.files = weight_files(self.folder)
+        if (self.folder / "config.json").exists():  # (a commons contribution is a weights file alone)
+            read_config(self.folder)  # a broken config.json is a broken folder, even where only tensors are read
         stored: dict[str, tuple[Path, str, list[int]]] = {}
         for path in self.files:
-            with safe_open(path, framework="pt") as f:
-                for key in f.keys():
-                    sliced = f.get_slice(key)
-                    stored[key] = (path, sliced.get_dtype(), list(sliced.get_shape()))
+            try:
+                with safe_open(path, framework="pt") as f:
+                    for key in f.keys():
+                        sliced = f.get_slice(key)
+                        stored[key] = (path, sliced.get_dtype(), list(sliced.get_shape()))
+            except (SafetensorError, OSError) as err:
+                raise UserError(f"{path}: not a readable safetensors file ({err})",
+                                hint="copy it again; a pickle renamed to .safetensors is never loaded") from None
         prefixed = any(key.startswith(prefix + ".") for key in stored)
         self.heads: list[str] = []
         self.body: dict[str, tuple[Path, str, str, list[int]]] = {}  # name -> (file, stored key, dtype, shape)
