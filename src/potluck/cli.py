@@ -854,6 +854,9 @@ def commons_round(url: Url, token: Token = None, **settings):
     if result["outcome"] == "skipped":
         console.print(f"no round: {result['reason']}")
         return
+    if not result.get("scores"):  # the gate could not score the candidate
+        console.print(f"candidate base version {result['candidate_version']} {result['reason']}")
+        return
     scores = Table("task", f"base v{result['parent']}", f"candidate v{result['candidate_version']}", "change",
                    title=f"Round: {len(result['contributions'])} contribution(s) fused by {result['method']}")
     for task, s in result["scores"].items():
@@ -863,6 +866,9 @@ def commons_round(url: Url, token: Token = None, **settings):
     out.print(scores)
     console.print(f"candidate base version {result['candidate_version']} {result['reason']}"
                   + (f"; heads refitted for {', '.join(h['task'] for h in result['heads'])}" if result["heads"] else ""))
+    if result.get("released"):
+        console.print(f"its {len(result['released'])} contribution(s) were given back for the next round "
+                      "(a robust --method such as median can outvote a poisoner)")
 
 
 @commons_app.command("status")
@@ -891,11 +897,12 @@ def commons_tables(status: dict) -> list[Table]:
         bases.add_row(str(b["version"]), str(b["parent"] if b["parent"] is not None else "-"), b["status"],
                       b["method"], b["weights_sha"][:12], ", ".join(f"{t} {s:.3f}" for t, s in scores.items()) or "-",
                       fused, lineage.get("decision", "-"), b["created"])
-    tasks = Table("task", "owner", "labels", "accepted contributions", title="Tasks")
+    tasks = Table("task", "owner", "labels", "accepted contributions", "rejected", "state", title="Tasks")
     for t in status["tasks"]:
         labels = ", ".join(t["labels"][:6]) + (", …" if len(t["labels"]) > 6 else "")
-        tasks.add_row(t["name"], t["owner_name"], labels, str(t["contributions"]))
-    contributions = Table("id", "kind", "from", "task", "base", "examples", "status", "metrics / reason",
+        tasks.add_row(t["name"], t["owner_name"], labels, str(t["contributions"]), str(t.get("rejected", 0)),
+                      t.get("state", "-"))
+    contributions = Table("id", "kind", "from", "task", "base", "examples", "status", "use", "metrics / reason",
                           title="Contributions (newest first)")
     for c in status["contributions"]:
         note = c["reason"] or ", ".join(f"{k} {v:.3f}" for k, v in list(c["metrics"].items())[:3])
@@ -903,7 +910,13 @@ def commons_tables(status: dict) -> list[Table]:
             note = note or f"{c['n_eval']} held back" + (" (eval only)" if c["eval_only"] else "")
         contributions.add_row(str(c["id"]), c["kind"] + (" (job)" if c["job"] else ""), c["contributor_name"],
                               c["task_name"], str(c["base_version"] if c["base_version"] is not None else "-"),
-                              str(c["n_examples"]), c["status"], note)
+                              str(c["n_examples"]), c["status"], c.get("use") or "-", note)
+    rejections = status.get("rejections") or {"count": 0, "recent": []}
+    rejected = Table("id", "kind", "from", "task", "base", "reason",
+                     title=f"Rejections: {rejections['count']} in all (newest first)")
+    for c in rejections["recent"]:
+        rejected.add_row(str(c["id"]), c["kind"] + (" (job)" if c["job"] else ""), c["contributor_name"],
+                         c["task_name"], str(c["base_version"] if c["base_version"] is not None else "-"), c["reason"])
     counts = status["jobs"]["counts"]
     jobs = Table("job", "task", "status", "worker", "attempts", "lease expires",
                  title="Jobs: " + (", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "none"))
@@ -913,7 +926,7 @@ def commons_tables(status: dict) -> list[Table]:
     board = Table("contributor", "weights", "datasets", "jobs done", "examples", title="Leaderboard")
     for r in status["leaderboard"]:
         board.add_row(r["contributor"], str(r["weights"]), str(r["datasets"]), str(r["jobs_done"]), str(r["examples"]))
-    return [bases, tasks, contributions, jobs, board]
+    return [bases, tasks, contributions, rejected, jobs, board]
 
 
 # (end of commons section)

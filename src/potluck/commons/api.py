@@ -19,6 +19,7 @@ from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel, Field
 
 from potluck import __version__
@@ -114,7 +115,7 @@ def json_routes(max_body: int) -> APIRouter:
 
     @r.get("/bases", tags=["bases"])
     def bases(who: Reader, c: CommonsDep) -> list[dict]:
-        return [{k: v for k, v in view(b).items() if k != "spec"} for b in c.registry.bases()]
+        return [{**{k: v for k, v in view(b).items() if k != "spec"}, **verdict(b)} for b in c.registry.bases()]
 
     @r.get("/bases/current", tags=["bases"])
     def current_base(who: Reader, c: CommonsDep) -> dict:
@@ -233,7 +234,20 @@ def base_info(c: Commons, version: int | None) -> dict:
     record = c.registry.base(version)
     manifest = c.manifest(record.version)
     files = {name: {"sha256": sha, "size": c.store.size(sha)} for name, sha in manifest["files"].items()}
-    return {**view(record), "files": files}
+    return {**view(record), "files": files, **verdict(record)}
+
+
+def verdict(record) -> dict:
+    """`rejected`, and a `warning` for a base that is not promoted: a rejected candidate stays pullable (for
+    inspection) but must never pass for the commons' base."""
+    if record.status == "promoted":
+        return {"rejected": False}
+    decision = str((record.lineage or {}).get("decision") or "no reason recorded")
+    if record.status == "rejected":
+        return {"rejected": True, "warning": f"base version {record.version} is a candidate the gate rejected "
+                                             f"({decision[:300]}); it is not the commons' base"}
+    return {"rejected": False, "warning": f"base version {record.version} is a candidate the gate has not "
+                                          "judged yet; it is not the commons' base"}
 
 
 # -- the app --------------------------------------------------------------------------------------
@@ -247,7 +261,7 @@ def create_app(commons: Commons) -> FastAPI:
         yield
         commons.registry.close()
 
-    app = FastAPI(title="Potluck commons", version=__version__, lifespan=lifespan,
+    app = FastAPIOffline(title="Potluck commons", version=__version__, lifespan=lifespan,  # docs without a CDN
                   description="Organisations contribute datasets, compute and weights to a shared base encoder.")
     app.state.commons = commons
     app.include_router(json_routes(commons.settings.max_json_kb << 10))

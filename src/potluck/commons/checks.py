@@ -5,9 +5,11 @@
 
 Weights: the safetensors header is read with `safetensors.safe_open` (never a pickle), within size
 limits; the declared base version must exist and its sha256 match; every body tensor's name, shape and
-dtype must match the base; the head must fit the task's labels; every value must be finite. Tensors are
-read one slice at a time, so checking a 90 MB MiniLM contribution holds only a few MB at once. Any failure
-raises `Rejected` with the reason, which the API records and returns.
+dtype must match the base; the head must be exactly the head a model fine-tuned from that base has for the
+declared labels (names and shapes, `formats.head_spec`: an extra tensor under `head.` would be stored and
+handed out unchecked); every value must be finite. Tensors are read one slice at a time, so checking a
+90 MB MiniLM contribution holds only a few MB at once. Any failure raises `Rejected` with the reason, which
+the API records and returns.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from potluck.commons.errors import CommonsError, NotFound, Rejected
-from potluck.commons.formats import CONTRIBUTION_FORMAT, HEAD_PREFIX
+from potluck.commons.formats import CONTRIBUTION_FORMAT, HEAD_PREFIX, head_spec, read_manifest
 from potluck.commons.registry import check_metrics
 from potluck.commons.settings import WeightLimits
 
@@ -102,6 +104,7 @@ def check_weights(path: Path, *, task, base_of: Callable, store, limits: WeightL
             head = [n for n in names if n.startswith(HEAD_PREFIX)]
             check_body(f, [n for n in names if not n.startswith(HEAD_PREFIX)], base.spec)
             check_head(f, head, labels, task, limits)
+            check_head_fits(f, head, expected_head(store, base, len(labels)), len(labels), version)
             details = check_values(f, names, store.path(base.weights_sha), base.spec)
         except Rejected as err:
             err.base_version = version
@@ -128,7 +131,7 @@ def check_body(f, body: list[str], spec: dict) -> None:
 
 
 def check_head(f, head: list[str], labels: list[str], task, limits: WeightLimits) -> None:
-    """A head exists, fits the task's labels, is floating point and within size limits."""
+    """The model's labels are the task's; a head exists, is floating point and within size limits."""
     if len(set(labels)) != len(labels) or len(labels) < 2 or not set(labels) <= set(task.labels):
         raise Rejected(f"the model's labels {labels} are not two or more distinct labels of task "
                        f"{task.name!r} ({task.labels})")
@@ -143,8 +146,33 @@ def check_head(f, head: list[str], labels: list[str], task, limits: WeightLimits
     for name in head:
         if f.get_slice(name).get_dtype() not in FLOAT_DTYPES:
             raise Rejected(f"head tensor {name!r} is {f.get_slice(name).get_dtype()}, not floating point")
-    if not any(shape and shape[0] == len(labels) for shape in shapes.values()):
-        raise Rejected(f"no head tensor has {len(labels)} output rows, one per label of the task")
+
+
+def expected_head(store, base, n_labels: int) -> dict[str, list[int]]:
+    """The head ('head.' name -> shape) a model fine-tuned from `base` has for `n_labels` labels."""
+    manifest = read_manifest(store.read_bytes(base.manifest_sha))
+    config = json.loads(store.read_bytes(manifest["files"]["config.json"]))
+    try:
+        return head_spec(config, n_labels, set(base.spec))
+    except (ValueError, KeyError, TypeError, OSError) as err:  # an architecture transformers cannot classify with
+        raise Rejected(f"the commons cannot tell which head fits base version {base.version} "
+                       f"({err.__class__.__name__}: {str(err)[:200]}); tell its admin") from None
+
+
+def check_head_fits(f, head: list[str], expected: dict[str, list[int]], n_labels: int, version: int) -> None:
+    """Exactly the expected head tensors, each of the expected shape: anything else under 'head.' is refused."""
+    unexpected, missing = set(head) - set(expected), set(expected) - set(head)
+    if unexpected:
+        raise Rejected(f"unexpected head tensor(s) {_shown(unexpected)}: a {n_labels}-label head on base "
+                       f"version {version} has exactly {_shown(expected, 6)}")
+    if missing:
+        raise Rejected(f"missing head tensor(s) {_shown(missing)} of a {n_labels}-label head on base "
+                       f"version {version}")
+    for name in head:
+        shape = list(f.get_slice(name).get_shape())
+        if shape != expected[name]:
+            raise Rejected(f"head tensor {name!r} has shape {shape}, but a head with {n_labels} output rows "
+                           f"(one per label) on base version {version} has {expected[name]}")
 
 
 def _row_slices(shape: list[int]):

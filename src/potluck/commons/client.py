@@ -12,6 +12,7 @@ one-line `UserError` with the service's reason.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
@@ -47,6 +48,16 @@ class CommonsRequestError(UserError):
     def __init__(self, what: str, status: int, detail: str, contribution: int | None = None):
         super().__init__(f"{what}: the commons answered {status}: {detail}", hint=HINTS.get(status))
         self.status, self.detail, self.contribution = status, detail, contribution
+
+
+def warn_unpromoted(info: dict) -> None:
+    """Say so (a warning) when a base is not the commons' promoted base; mark `info` with `rejected`."""
+    status = info.get("status", "promoted")
+    info.setdefault("rejected", status == "rejected")
+    if status != "promoted":
+        info.setdefault("warning", f"base version {info['version']} is {status}, not promoted: it is not the "
+                                   "commons' base")
+        logger.warning("%s", info["warning"])
 
 
 def _chunks(path: Path) -> Iterator[bytes]:
@@ -147,9 +158,11 @@ class CommonsClient:
 
     def pull(self, out: str | os.PathLike, version: int | None = None, *, overwrite: bool = False) -> dict:
         """Write base `version` (default: the current one) as a Hugging Face folder at `out` (an existing
-        non-empty folder only with `overwrite`)."""
+        non-empty folder only with `overwrite`). A base the gate rejected (or has not judged) is written too,
+        with a warning, and `info["rejected"]` and `info["warning"]` say so."""
         check_output(out, overwrite=overwrite)
         info = self.base(version)
+        warn_unpromoted(info)
         with atomic_folder(out, overwrite=overwrite) as tmp:
             for name, f in info["files"].items():
                 if not safe_file_name(name):  # never trust a file name from elsewhere
@@ -160,13 +173,22 @@ class CommonsClient:
         return info
 
     def ensure_task(self, task: str, labels: list[str]) -> dict:
-        """The task, created (owned by you) with `labels` if it does not exist yet."""
+        """The task, created (owned by you) with `labels` if it does not exist yet.
+
+        A task of yours with nothing accepted yet (one made for a push that was rejected, say) takes `labels`
+        when it lacks some of them, so a fixed model can go where the rejected one went.
+        """
         try:
-            return self.get(f"/v1/tasks/{task}")
+            record = self.get(f"/v1/tasks/{task}")
         except CommonsRequestError as err:
             if err.status != 404:
                 raise
-        return self.request("PUT", f"/v1/tasks/{task}", json={"labels": labels}).json()
+            return self.request("PUT", f"/v1/tasks/{task}", json={"labels": labels}).json()
+        if set(labels) <= set(record["labels"]):
+            return record
+        with contextlib.suppress(CommonsRequestError):  # not yours, or its labels are in use: the upload says why
+            return self.request("PUT", f"/v1/tasks/{task}", json={"labels": labels}).json()
+        return record
 
     def push(self, model: str | os.PathLike, task: str, *, base_version: int | None = None,
              n_examples: int | None = None) -> dict:
@@ -188,12 +210,12 @@ class CommonsClient:
         if not n_examples:
             raise UserError(f"{folder}/potluck.json does not say how many examples trained it",
                             hint="pass --examples N")
-        self.ensure_task(task, info["labels"])
         meta = contribution_metadata(base_version=version, base_sha256=base_sha, labels=info["labels"],
                                      n_examples=n_examples, metrics=info["metrics"], task=task)
         with tempfile.TemporaryDirectory(prefix="potluck-push-") as tmp:
             path = Path(tmp) / "contribution.safetensors"
             write_contribution(load_file(folder / WEIGHTS_FILE), set(base["spec"]), meta, path)
+            self.ensure_task(task, info["labels"])  # only now: a push refused at home creates no task
             return self.upload(f"/v1/tasks/{task}/weights", path)
 
     def share(self, data: str | os.PathLike, task: str, *, text_column: str = "text", label_column: str = "label",

@@ -18,6 +18,7 @@ n_examples, metrics, task).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -138,6 +139,31 @@ def split_state(keys: Iterable[str], base_names: set[str]) -> tuple[dict[str, st
     taken = set(body.values())
     head = {HEAD_PREFIX + k: k for k in keys if k not in taken}
     return body, head
+
+
+def head_spec(config: dict, n_labels: int, base_names: set[str]) -> dict[str, list[int]]:
+    """The task head a model fine-tuned from a base with `config` has for `n_labels` labels: 'head.' name -> shape.
+
+    It is the head `AutoModelForSequenceClassification` builds on that base (what `potluck finetune` trains
+    and what task serving loads), split from the body as `write_contribution` splits it, so a pushed file
+    may carry exactly these tensors under 'head.' and nothing else. Built on the meta device: no memory.
+    """
+    shapes = _classifier_shapes(json.dumps(config, sort_keys=True), n_labels)
+    _, head = split_state(shapes, base_names)
+    return {name: list(shapes[key]) for name, key in head.items()}
+
+
+@functools.lru_cache(maxsize=32)
+def _classifier_shapes(config_json: str, n_labels: int) -> dict[str, list[int]]:
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    values = json.loads(config_json)
+    config = AutoConfig.for_model(values.pop("model_type"), **values)
+    config.num_labels = n_labels  # also resets id2label to n_labels entries
+    with torch.device("meta"):
+        model = AutoModelForSequenceClassification.from_config(config)
+    return {name: list(tensor.shape) for name, tensor in model.state_dict().items()}
 
 
 def contribution_metadata(*, base_version: int, base_sha256: str, labels: list[str], n_examples: int,

@@ -9,7 +9,9 @@
 
 Fusion rounds (the next issue) add base versions with `parent`, `method` and `lineage` (the fused
 contributions, the gate's scores), set `status` ('candidate', 'promoted', 'rejected') and mark the
-contributions they used with `fused_into`.
+contributions they fuse with `fused_into`. Only a promoted candidate uses them up: a rejected one gives them
+back (`fused_into` cleared; one left pointing at a rejected base counts as free too), so no column records
+"used" and no migration is needed; `overview.use_of` derives it for the API.
 """
 
 from __future__ import annotations
@@ -109,7 +111,7 @@ class Contribution(Base):
     n_eval: Mapped[int] = mapped_column(default=0)
     eval_only: Mapped[bool] = mapped_column(default=False)
     job: Mapped[int | None] = mapped_column(Integer)  # jobs.id that produced these weights (no FK: no cycle)
-    fused_into: Mapped[int | None] = mapped_column(ForeignKey("base_versions.version"))
+    fused_into: Mapped[int | None] = mapped_column(ForeignKey("base_versions.version"))  # used iff that base is promoted
     details: Mapped[dict[str, Any]] = mapped_column(default=dict)  # label counts, weight deltas, warnings
     created: Mapped[datetime] = mapped_column(default=utcnow)
 

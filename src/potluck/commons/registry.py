@@ -7,7 +7,8 @@
 
 Every method is one transaction and returns detached records (columns loaded, no lazy loads) or plain
 dicts (`view`) ready for JSON. Permission rules that depend on records (a contributor changes only its own
-tasks) live here, next to the queries; the API checks roles. Job leasing is in `jobs.py`.
+tasks) live here, next to the queries; the API checks roles. Job leasing is in `jobs.py`, the
+whole picture (`status`, the leaderboard) in `overview.py`.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from potluck.commons.models import (
     TaskHead,
     utcnow,
 )
+from potluck.commons.overview import OverviewMixin, use_of
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +117,7 @@ def check_metrics(metrics: Any) -> dict[str, float]:
     return out
 
 
-class Registry(JobsMixin):
+class Registry(JobsMixin, OverviewMixin):
     """The commons' records behind one SQLAlchemy engine."""
 
     def __init__(self, url: str):
@@ -274,12 +276,23 @@ class Registry(JobsMixin):
         return task
 
     def tasks(self) -> list[dict]:
+        """Every task with its accepted (`contributions`) and `rejected` counts and a `state`.
+
+        A task made for a push that was then rejected stays: the rejection's record names it. Its state,
+        "rejected only", says so, rather than leaving an unexplained orphan ("empty": nothing arrived).
+        """
         with self.transaction() as s:
             names = self._names(s)
-            counts = dict(s.execute(select(Contribution.task, func.count(Contribution.id))
-                                    .where(Contribution.status == "accepted").group_by(Contribution.task)).all())
-            return [view(t, owner_name=names.get(t.owner), contributions=counts.get(t.id, 0))
-                    for t in s.scalars(select(Task).order_by(Task.id))]
+            counts = {(task, status): n for task, status, n in s.execute(
+                select(Contribution.task, Contribution.status, func.count(Contribution.id))
+                .group_by(Contribution.task, Contribution.status))}
+            tasks = list(s.scalars(select(Task).order_by(Task.id)))
+        out = []
+        for t in tasks:
+            accepted, rejected = counts.get((t.id, "accepted"), 0), counts.get((t.id, "rejected"), 0)
+            state = "active" if accepted else "rejected only" if rejected else "empty"
+            out.append(view(t, owner_name=names.get(t.owner), contributions=accepted, rejected=rejected, state=state))
+        return out
 
     # -- contributions --------------------------------------------------------------------------
 
@@ -342,8 +355,11 @@ class Registry(JobsMixin):
                 query = query.where(column == value)
         with self.transaction() as s:
             names = self._names(s)
+            bases = dict(s.execute(select(BaseVersion.version, BaseVersion.status)).all())
+            current = max((v for v, status in bases.items() if status == "promoted"), default=None)
             rows = s.execute(query.order_by(Contribution.id.desc()).limit(limit))
-            return [view(c, contributor_name=names.get(c.contributor), task_name=t) for c, t in rows]
+            return [view(c, contributor_name=names.get(c.contributor), task_name=t, use=use_of(c, bases, current))
+                    for c, t in rows]
 
     def task_heads(self, task: str | None = None, base_version: int | None = None) -> list[dict]:
         """Stored heads, newest first (the first per task and base is the one to serve)."""
@@ -363,33 +379,3 @@ class Registry(JobsMixin):
         with self.transaction() as s:
             s.add(record)
         return record
-
-    # -- the whole picture ----------------------------------------------------------------------
-
-    def leaderboard(self) -> list[dict]:
-        """Per contributor: accepted weights, datasets, jobs done (compute lent) and examples."""
-        board: dict[int, dict] = {}
-        with self.transaction() as s:
-            names = self._names(s)
-            for c in s.scalars(select(Contribution).where(Contribution.status == "accepted")):
-                row = board.setdefault(c.contributor, {"contributor": names.get(c.contributor), "weights": 0,
-                                                       "datasets": 0, "jobs_done": 0, "examples": 0})
-                row["datasets" if c.kind == "dataset" else "weights"] += 1
-                row["jobs_done"] += c.job is not None
-                row["examples"] += c.n_examples if c.kind == "dataset" or c.job is None else 0
-        return sorted(board.values(), key=lambda r: (-(r["weights"] + r["datasets"]), -r["examples"],
-                                                     r["contributor"] or ""))
-
-    def status(self, recent: int = 50) -> dict:
-        """Bases, tasks, recent contributions, jobs and the leaderboard, for `potluck commons status`."""
-        with self.transaction() as s:
-            names = self._names(s)
-            job_counts = dict(s.execute(select(Job.status, func.count(Job.id)).group_by(Job.status)).all())
-            task_names = dict(s.execute(select(Task.id, Task.name)).all())
-            open_jobs = [view(j, leased_by_name=names.get(j.leased_by), task_name=task_names.get(j.task)) for j in s.scalars(
-                select(Job).where(Job.status.in_(("queued", "leased"))).order_by(Job.id).limit(recent))]
-        bases = [view(b) for b in self.bases()]
-        for b in bases:
-            b.pop("spec", None)
-        return {"bases": bases, "tasks": self.tasks(), "contributions": self.contributions(limit=recent),
-                "jobs": {"counts": job_counts, "open": open_jobs}, "leaderboard": self.leaderboard()}

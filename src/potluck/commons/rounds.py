@@ -7,13 +7,16 @@
 
 One round, synchronously (the frozen-encoder gate takes seconds on tiny encoders, a few minutes on MiniLM):
 
-1. the accepted weights contributions on the current base not fused yet; fewer than `min_contributions`,
-   or no task with evaluation data, and the round does nothing and says why (`outcome: "skipped"`);
+1. the accepted weights contributions on the current base that no promoted round used (`available`);
+   fewer than `min_contributions`, or no task with evaluation data, and the round does nothing and says
+   why (`outcome: "skipped"`);
 2. their encoder bodies are fused by `potluck.fusion.fuse` (heads never: a contribution's `head.*` tensors
    are left out) into a candidate, stored as a base version with status `candidate`, parent = current,
    lineage = the contributions, method, parameters and each one's task-vector norm; the contributions are
-   marked `fused_into` the candidate, whatever the verdict (they were judged; a rejected poisoner is not
-   tried again);
+   claimed (`fused_into` the candidate) so that no other round takes them. Only a promotion uses them up:
+   a rejected candidate (by the gate, or one it could not score, or a round that stopped) gives them back
+   (`release`) for the next round, where a robust method can outvote a poisoner among them; the rejected
+   candidate's lineage keeps who was in it;
 3. `potluck.gate.run_gate` scores current and candidate on every task with evaluation data: the held-back
    parts of shared datasets, and `--eval-only` datasets (an eval-only task's head is trained on one half
    of it and scored on the other); promoted iff the mean macro-F1 is at least the current base's and no
@@ -33,11 +36,11 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy import update
+from sqlalchemy import or_, select, update
 
 from potluck.commons.errors import Conflict
 from potluck.commons.formats import WEIGHTS_FILE, read_manifest, store_base_weights
-from potluck.commons.models import Contribution, Contributor
+from potluck.commons.models import BaseVersion, Contribution, Contributor
 from potluck.commons.round_settings import RoundSettings
 from potluck.data import LabelledData, stratified_split
 from potluck.errors import UserError
@@ -154,14 +157,11 @@ def _round(commons, actor, settings: RoundSettings, fusion, gate) -> dict:
     from potluck.gate import TaskData, run_gate
 
     current = commons.registry.current_base()
-    pending = [c for c in commons.registry.contributions(kind="weights", status="accepted",
-                                                         base_version=current.version, limit=100000)
-               if c["fused_into"] is None]
-    pending.sort(key=lambda c: c["id"])
+    pending = available(commons, current.version)
     skipped = {"outcome": "skipped", "current_version": current.version, "contributions": [c["id"] for c in pending]}
     if len(pending) < settings.min_contributions:
         return {**skipped, "reason": f"not enough contributions: {len(pending)} accepted weights contribution(s) "
-                                     f"on base version {current.version} not fused yet, the round needs at least "
+                                     f"on base version {current.version} not used yet, the round needs at least "
                                      f"{settings.min_contributions} (--min-contributions)"}
     examples = task_examples(commons, settings)
     if not examples:
@@ -178,6 +178,11 @@ def _round(commons, actor, settings: RoundSettings, fusion, gate) -> dict:
             decision = run_gate(base_folder(commons, candidate.version), parent, tasks, gate)
         except (UserError, ValueError, RuntimeError) as err:  # e.g. non-finite features from a blown-up body
             return gate_failed(commons, candidate.version, current.version, pending, err)
+        except Exception as err:  # a bug: the candidate was never judged; its contributions must not be lost
+            commons.registry.set_base_status(candidate.version, "rejected", {
+                "decision": f"rejected: the round stopped ({err.__class__.__name__}) before the gate's verdict"})
+            release(commons, candidate.version, pending)
+            raise
         record = decision.to_dict()
         record["settings"] = {k: v for k, v in record["settings"].items() if k not in ("candidate", "current")}
         status = "promoted" if decision.promote else "rejected"
@@ -185,6 +190,7 @@ def _round(commons, actor, settings: RoundSettings, fusion, gate) -> dict:
         commons.registry.set_base_status(candidate.version, status, {
             "gate": record, "scores": scores, "decision": decision.reason,
             "eval_examples": {t: len(e.held) for t, e in examples.items()}})
+        released = [] if decision.promote else release(commons, candidate.version, pending)
         commons.registry.set_base_status(current.version, "promoted", {
             "scores": {t: s["current"] for t, s in decision.scores.items()}, "scored_in_round": candidate.version})
         heads = refit_heads(commons, candidate.version, examples, gate, work) if decision.promote else []
@@ -195,21 +201,54 @@ def _round(commons, actor, settings: RoundSettings, fusion, gate) -> dict:
             "current_version": candidate.version if decision.promote else current.version,
             "parent": current.version, "method": settings.method, "contributions": [c["id"] for c in pending],
             "scores": decision.scores, "mean_candidate": decision.mean_candidate,
-            "mean_current": decision.mean_current, "margin": settings.margin, "heads": heads}
+            "mean_current": decision.mean_current, "margin": settings.margin, "heads": heads, "released": released}
+
+
+def available(commons, version: int) -> list[dict]:
+    """Accepted weights on base `version` that no promoted round used and no running round holds, oldest first.
+
+    One still marked as fused into a rejected candidate (kept by a round before releases existed, or by a
+    round stopped between its verdict and the release) is available too: only a promotion uses weights up.
+    """
+    rejected = {b.version for b in commons.registry.bases() if b.status == "rejected"}
+    pending = [c for c in commons.registry.contributions(kind="weights", status="accepted", base_version=version,
+                                                         limit=100000)
+               if c["fused_into"] is None or c["fused_into"] in rejected]
+    return sorted(pending, key=lambda c: c["id"])
+
+
+def release(commons, version: int, pending: list[dict]) -> list[int]:
+    """Give the contributions rejected candidate `version` claimed back to the next round; their ids."""
+    ids = [c["id"] for c in pending]
+    with commons.registry.transaction() as s:
+        s.execute(update(Contribution).where(Contribution.id.in_(ids), Contribution.fused_into == version)
+                  .values(fused_into=None))
+    commons.registry.set_base_status(version, "rejected", {"released": ids})
+    return ids
+
+
+def claim(commons, version: int, ids: list[int]) -> int:
+    """Mark the free ones of `ids` as fused into candidate `version`, in one UPDATE; how many it took.
+
+    Free: fused into nothing, or into a rejected candidate. Another round (another process) that took some
+    first makes the count fall short, and the caller stops.
+    """
+    free = or_(Contribution.fused_into.is_(None),
+               Contribution.fused_into.in_(select(BaseVersion.version).where(BaseVersion.status == "rejected")))
+    with commons.registry.transaction() as s:
+        return s.execute(update(Contribution).where(Contribution.id.in_(ids), free)
+                         .values(fused_into=version)).rowcount
 
 
 def gate_failed(commons, version: int, current: int, pending: list[dict], err: Exception) -> dict:
     """The gate could not score the candidate: reject it with the reason, release its contributions."""
     reason = (f"rejected: the gate could not score the candidate ({err.__class__.__name__}: "
               f"{str(err).splitlines()[0][:300]}); its contributions were released for another round")
-    ids = [c["id"] for c in pending]
-    with commons.registry.transaction() as s:
-        s.execute(update(Contribution).where(Contribution.id.in_(ids), Contribution.fused_into == version)
-                  .values(fused_into=None))
-    commons.registry.set_base_status(version, "rejected", {"decision": reason, "released": ids})
+    commons.registry.set_base_status(version, "rejected", {"decision": reason})
+    ids = release(commons, version, pending)
     logger.warning("round: candidate %d %s", version, reason)
     return {"outcome": "rejected", "reason": reason, "candidate_version": version, "current_version": current,
-            "parent": current, "contributions": ids, "scores": {}, "heads": []}
+            "parent": current, "contributions": ids, "scores": {}, "heads": [], "released": ids}
 
 
 def _fuse(commons, actor, current, pending: list[dict], parent: Path, work: Path, settings: RoundSettings, fusion):
@@ -235,13 +274,10 @@ def _fuse(commons, actor, current, pending: list[dict], parent: Path, work: Path
     candidate = commons.registry.add_base(manifest_sha=manifest_sha, weights_sha=weights_sha, spec=spec,
                                           method=f"fusion:{settings.method}", parent=current.version,
                                           lineage=lineage, status="candidate", created_by=actor.id)
-    with commons.registry.transaction() as s:
-        claimed = s.execute(update(Contribution).where(Contribution.id.in_(lineage["contributions"]),
-                                                       Contribution.fused_into.is_(None))
-                            .values(fused_into=candidate.version)).rowcount
-    if claimed != len(pending):
+    if claim(commons, candidate.version, lineage["contributions"]) != len(pending):
         commons.registry.set_base_status(candidate.version, "rejected",
                                          {"decision": "another round fused some of these contributions first"})
+        release(commons, candidate.version, pending)  # those this candidate did claim
         raise Conflict("another round fused some of these contributions first; run the round again")
     return candidate
 

@@ -20,6 +20,14 @@ from potluck.serving.schemas import PredictRequest
 
 _TYPES = {"int": int, "float": float, "bool": bool, "str": str}
 
+
+class RequestError(CommonsError):
+    """A request body the route cannot read, with the status to answer."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status = status
+
 RoundBody = create_model(
     "RoundBody", __config__=ConfigDict(extra="forbid"),
     **{f.name: (_TYPES[f.type] if isinstance(f.type, str) else f.type,
@@ -55,12 +63,23 @@ def round_routes(max_body: int) -> APIRouter:
         except UserError as err:
             raise CommonsError(str(err)) from None
 
-    @r.post("/tasks/{task}/predict", tags=["tasks"])
-    def predict(task: Name, body: PredictRequest, who: Reader, response: Response,
-                server: Annotated[TaskServer, Depends(task_server)]):
-        """Labels with probabilities, highest first, for one text or a list of texts (TEI's /predict shape)."""
+    @r.post("/tasks/{task}/predict", tags=["tasks"], openapi_extra={"requestBody": {
+        "required": True, "content": {"application/json": {"schema": PredictRequest.model_json_schema()}}}})
+    async def predict(task: Name, request: Request, who: Reader, response: Response,
+                      server: Annotated[TaskServer, Depends(task_server)]):
+        """Labels with probabilities, highest first, for one text or a list of texts (TEI's /predict shape).
+        The body is read as JSON whatever its Content-Type (`curl -d` sends a form type), as `potluck serve` does."""
+        from fastapi.concurrency import run_in_threadpool
+
+        from potluck.serving.predict import ApiError, parse_request
+
+        try:
+            body = parse_request(await request.body())
+        except ApiError as err:  # one line, the status `potluck serve` gives (400 bad JSON, 422 a bad field)
+            raise RequestError(str(err.detail), err.status_code) from None
         texts = body.texts()
-        answers, head = server.predict(task, texts, raw_scores=body.raw_scores, truncate=body.truncate is not False)
+        answers, head = await run_in_threadpool(server.predict, task, texts, raw_scores=body.raw_scores,
+                                                truncate=body.truncate is not False)
         response.headers["X-Potluck-Head"] = head["kind"]
         response.headers["X-Potluck-Base-Version"] = str(head["base_version"])
         return answers[0] if isinstance(body.inputs, str) else answers
