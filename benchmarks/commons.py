@@ -18,7 +18,7 @@ with the server's peak RSS rise.
 Leasing (per backend, a real `potluck commons serve` on loopback): `--jobs` queued jobs, then 8 client
 threads each leasing until the queue is empty (every lease is one transaction: requeue expired leases,
 pick, claim); anchor: 1 thread on the same queue size. The registry alone (8 threads, no HTTP) is timed
-as well. PostgreSQL is a throwaway server started here with fsync on (tests/commons_pg.py).
+as well. PostgreSQL is a throwaway server started here with fsync on (tests/commons/commons_pg.py).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))  # the throwaway PostgreSQL helper and the live server
+sys.path.insert(0, str(ROOT / "tests" / "commons"))  # the throwaway PostgreSQL helper and the live server
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -240,7 +240,7 @@ def leasing(url: str, setup: dict, n: int) -> dict:
 
 
 def run_backend(name: str, db: str | None, args, workdir: Path) -> dict:
-    from conftest_commons import live_server
+    from commons_helpers import live_server
 
     print(f"[{name}] making a commons with MiniLM as base 0", flush=True)
     setup = make_commons(workdir / name, db)

@@ -131,7 +131,7 @@ def finetune_contributor(base: Path, name: str, out: Path, args, seed: int) -> d
 
 
 def new_task_frozen(base: Path, data: dict, gate) -> dict:
-    from potluck.gate import score_base
+    from potluck.commons.gate import score_base
 
     return {k: round(v, 4) for k, v in score_base(base, data, gate).items()}
 
@@ -157,8 +157,8 @@ def new_task_finetune(base: Path, args, new_data: dict, seeds: int) -> dict:
 def main() -> None:
     args = parse_args()
     logging.basicConfig(level=logging.WARNING)
+    from potluck.commons.gate import GateSettings, TaskData
     from potluck.commons.rounds import base_folder
-    from potluck.gate import GateSettings, TaskData
 
     shutil.rmtree(args.work, ignore_errors=True)
     args.work.mkdir(parents=True)

@@ -31,7 +31,8 @@ from sklearn.metrics import f1_score
 
 from potluck import TextClassifier
 from potluck.calibration import expected_calibration_error, softmax
-from potluck.data import LabelledData, stratified_split
+from potluck.data import LabelledData
+from potluck.splits import stratified_split
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from common import load_split, stratified_sample, write_result
 
-from potluck.data import write_rows
+from potluck.tables import write_rows
 
 
 def run(nproc: int, data: Path, out: Path, epochs: int, precision: str) -> dict:

@@ -1,5 +1,6 @@
 """Helpers for the inference and serving tests: a tiny fine-tuned model folder (built once per test
-session) and a real `potluck serve` process on a free loopback port."""
+session) and a real `potluck serve` process on a free loopback port. A plain module: `from serving_helpers
+import Server, tiny_model`."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import time
 from pathlib import Path
 
 import httpx
+from helpers import toy_texts
 
 FAST = dict(epochs=3, batch_size=8, learning_rate=3e-3, precision="fp32", warmup_ratio=0.0,
             train_word_embeddings=True)  # a random encoder has nothing to transfer: its word embeddings must learn too
@@ -19,8 +21,6 @@ FAST = dict(epochs=3, batch_size=8, learning_rate=3e-3, precision="fp32", warmup
 
 def tiny_model(tmp_path_factory, tiny_encoder, name: str = "urgency") -> Path:
     """A tiny classifier (calm / urgent) saved as a model folder named `name`; trained once per session."""
-    from conftest import toy_texts
-
     from potluck import TextClassifier
 
     root = tmp_path_factory.getbasetemp() / "serving-models"

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import toy_texts
 from serving_helpers import tiny_model
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -22,9 +23,7 @@ pytestmark = pytest.mark.filterwarnings("ignore")
 @pytest.fixture(scope="module")
 def sandbox(tmp_path_factory, tiny_encoder):
     """A folder with good and bad inputs; every case runs against it and must leave it as it was."""
-    from conftest import toy_texts
-
-    from potluck.data import write_rows
+    from potluck.tables import write_rows
 
     root = tmp_path_factory.mktemp("bad-inputs")
     texts, labels = toy_texts(60)
@@ -200,6 +199,14 @@ CASES = [
      ["m-truncated", "safetensors"]),
     ("fuse a bad config", ["fuse", M, "{root}/m-bad-json", "--base", "{root}/encoder", "--out", "{root}/fused"],
      ["m-bad-json"]),
+    ("commons pull over a file", ["commons", "pull", "http://127.0.0.1:9", "--out", "{root}/a-file", "--token", "t"],
+     ["is a file"]),
+    ("commons push of a pickle", ["commons", "push", "http://127.0.0.1:9", "--model", "{root}/m-pickle", "--task", "t",
+                                  "--base-version", "0", "--token", "t"], ["m-pickle", "safetensors"]),
+    ("commons push of NaN weights", ["commons", "push", "http://127.0.0.1:9", "--model", "{root}/m-nan", "--task", "t",
+                                     "--base-version", "0", "--token", "t"], ["non-finite"]),
+    ("commons push of a bad config", ["commons", "push", "http://127.0.0.1:9", "--model", "{root}/m-bad-json",
+                                      "--task", "t", "--base-version", "0", "--token", "t"], ["config.json:1:2"]),
     ("curve sizes", ["curve", "--data", "{root}/train.csv", "--test", "{root}/test.jsonl", "--sizes", "a,b"],
      ["--sizes"]),
 ]

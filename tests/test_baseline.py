@@ -4,16 +4,16 @@ from collections import Counter
 
 import numpy as np
 import pytest
+from helpers import shared_dataset, toy_texts
 
 from potluck.baseline import TfidfBaseline, make_baseline, model_training_data
 from potluck.curve import fit_and_score, learning_curve, stratified_sample
-from potluck.data import DataError, LabelledData, read_data, write_rows
+from potluck.data import DataError, LabelledData, read_data
 from potluck.errors import UserError
+from potluck.tables import write_rows
 
 
 def toy(n=160, seed=0):
-    from conftest import toy_texts
-
     return toy_texts(n, seed=seed)
 
 
@@ -109,8 +109,6 @@ def test_fit_and_score_and_a_curve_with_the_baseline_only():
 
 @pytest.mark.slow
 def test_the_baseline_on_real_sms_spam():
-    from conftest import shared_dataset
-
     train = stratified_sample(read_data(shared_dataset("sms_spam")), 1000, seed=0)
     test = read_data(shared_dataset("sms_spam", "test"))
     scores = fit_and_score(train, test, seed=0, models=["tfidf"])["tfidf"]

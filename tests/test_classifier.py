@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers import toy_texts
 
 from potluck import TextClassifier
 from potluck.errors import UserError
@@ -15,15 +16,11 @@ FAST = dict(epochs=3, batch_size=8, learning_rate=3e-3, precision="fp32", warmup
 
 @pytest.fixture(scope="module")
 def fitted(tiny_encoder):
-    from conftest import toy_texts
-
     texts, labels = toy_texts(160)
     return TextClassifier(base=tiny_encoder, **FAST).fit(texts, labels)
 
 
 def test_fit_returns_self_and_learns(fitted):
-    from conftest import toy_texts
-
     texts, labels = toy_texts(60, seed=9)
     assert fitted.classes_ == ["calm", "urgent"]
     assert np.mean(np.array(fitted.predict(texts)) == np.array(labels)) > 0.9
@@ -112,8 +109,6 @@ def test_balanced_class_weights_train(tiny_encoder):
 
 
 def test_evaluate_reports_metrics(fitted):
-    from conftest import toy_texts
-
     texts, labels = toy_texts(40, seed=5)
     metrics = fitted.evaluate(texts, labels)
     assert metrics["n"] == 40 and 0 <= metrics["ece"] <= 1
@@ -123,7 +118,6 @@ def test_evaluate_reports_metrics(fitted):
 def test_word_embeddings_stay_fixed_by_default_and_the_rest_trains(tiny_encoder):
     """The default keeps the word-embedding matrix (the bulk of a small encoder) out of the optimiser;
     every other weight moves, and the saved model is an ordinary trainable one again."""
-    from conftest import toy_texts
     from transformers import AutoModel
 
     texts, labels = toy_texts(40)
@@ -140,15 +134,15 @@ def test_word_embeddings_stay_fixed_by_default_and_the_rest_trains(tiny_encoder)
 
 def test_the_new_head_gets_its_own_learning_rate(tiny_encoder):
     from potluck.encoders import load_for_classification
-    from potluck.finetune import FinetuneSettings, make_optimizer
+    from potluck.training import make_optimizer
 
     model = load_for_classification(tiny_encoder, ["a", "b"])
-    optimizer = make_optimizer(model, FinetuneSettings(learning_rate=1e-4, head_learning_rate=1e-2))
+    optimizer = make_optimizer(model, learning_rate=1e-4, weight_decay=0.01, head_learning_rate=1e-2)
     head = {id(p) for p in model.classifier.parameters()}
     for group in optimizer.param_groups:
         in_head = {id(p) in head for p in group["params"]}
         assert len(in_head) == 1 and group["lr"] == (1e-2 if in_head.pop() else 1e-4)
-    same = make_optimizer(model, FinetuneSettings(learning_rate=1e-4, head_learning_rate=0))
+    same = make_optimizer(model, learning_rate=1e-4, weight_decay=0.01, head_learning_rate=0)
     assert {g["lr"] for g in same.param_groups} == {1e-4}
 
 
@@ -156,8 +150,6 @@ def test_the_new_head_gets_its_own_learning_rate(tiny_encoder):
 def test_training_precision_follows_the_cpu(tiny_encoder, kind, runs):
     """Fine-tuning asks potluck.hardware too: bf16 autocast where the CPU has native bf16 (the AMX path's
     logic, pretended on any host), fp32 where it would be emulated (the AVX2 fallback)."""
-    from conftest import toy_texts
-
     from potluck.hardware import pretend
 
     texts, labels = toy_texts(40)
@@ -167,7 +159,6 @@ def test_training_precision_follows_the_cpu(tiny_encoder, kind, runs):
 
 
 def test_a_scikit_learn_estimator_clone_cross_validation_and_grid_search(tiny_encoder):
-    from conftest import toy_texts
     from sklearn.base import clone, is_classifier
     from sklearn.model_selection import cross_val_score
 

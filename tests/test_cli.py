@@ -6,8 +6,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import toy_texts
 
-from potluck.data import write_rows
+from potluck.tables import write_rows
 
 POTLUCK = [sys.executable, "-m", "potluck"]
 
@@ -27,8 +28,6 @@ def assert_one_line_error(result, *needles):
 
 @pytest.fixture(scope="module")
 def train_file(tmp_path_factory):
-    from conftest import toy_texts
-
     folder = tmp_path_factory.mktemp("cli-data")
     texts, labels = toy_texts(120)
     write_rows(folder / "train.csv", [{"body": t, "urgency": y} for t, y in zip(texts, labels, strict=True)])

@@ -15,10 +15,10 @@ from potluck.data import (
     check_training_data,
     read_data,
     read_texts,
-    stratified_split,
-    write_rows,
 )
 from potluck.errors import UserError
+from potluck.splits import stratified_split
+from potluck.tables import write_rows
 
 
 def write(path: Path, content: str | bytes) -> Path:
@@ -410,7 +410,8 @@ def test_split_min_valid_and_bad_inputs():
 
 
 def test_read_records_keeps_every_column_in_read_texts_order(tmp_path):
-    from potluck.data import fresh_names, read_records, read_texts
+    from potluck.data import read_texts
+    from potluck.tables import fresh_names, read_records
 
     csv_file = tmp_path / "in.csv"
     csv_file.write_text('id,text,label\n1,"server, down",urgent\n\n2,thanks,calm\n')

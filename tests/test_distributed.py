@@ -10,9 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import make_tiny_encoder, toy_texts
 
 from potluck import TextClassifier
-from potluck.data import write_rows
+from potluck.tables import write_rows
 
 pytestmark = pytest.mark.timeout(300)
 POTLUCK = [sys.executable, "-m", "potluck"]
@@ -20,8 +21,6 @@ POTLUCK = [sys.executable, "-m", "potluck"]
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from conftest import make_tiny_encoder, toy_texts
-
     folder = tmp_path_factory.mktemp("ddp")
     encoder = make_tiny_encoder(folder / "enc", dropout=0.0)  # no dropout: the runs can agree exactly
     texts, labels = toy_texts(160)

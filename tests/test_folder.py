@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from helpers import toy_texts
 from safetensors.torch import load_file, save_file
 from serving_helpers import tiny_model
 
@@ -137,8 +138,6 @@ def test_a_non_finite_output_is_an_error_never_a_number(good, monkeypatch):
 def test_a_broken_base_is_refused_before_any_training(tiny_encoder, tmp_path):
     """finetune --base and pretrain --from check the encoder they start from (a NaN base once trained a
     whole epoch before failing)."""
-    from conftest import toy_texts
-
     from potluck import TextClassifier
     from potluck.encoders import load_tokenizer
     from potluck.pretrain import PretrainSettings, build_model

@@ -9,6 +9,7 @@ import weakref
 import numpy as np
 import pytest
 import torch
+from helpers import make_tiny_encoder, toy_texts
 from safetensors.torch import load_file, save_file
 
 from potluck import fusion
@@ -190,8 +191,6 @@ def test_a_poisoned_contribution_is_outvoted_by_robust_methods(tiny_encoder, hon
 # -- user mistakes ------------------------------------------------------------------------------------
 
 def test_mismatched_shape_names_file_and_tensor(tiny_encoder, honest, tmp_path):
-    from conftest import make_tiny_encoder
-
     other = make_tiny_encoder(tmp_path / "wider", hidden=48)
     with pytest.raises(UserError, match=r"wider/model.safetensors: tensor '.+' is F32\[.*48.*\] but the base has"):
         fuse([honest[0], other], tmp_path / "out", base=tiny_encoder)
@@ -254,8 +253,6 @@ def peak_live_input_bytes(monkeypatch, base, models, out, method):
 
 @pytest.fixture(scope="module")
 def wide_models(tmp_path_factory):
-    from conftest import make_tiny_encoder
-
     root = tmp_path_factory.mktemp("wide")
     base = make_tiny_encoder(root / "base", hidden=128, layers=1)  # largest tensor 256 x 128 floats = 128 KiB
     return base, [save_variant(base, root / f"m{i}", noise(0.01, i), seed=i) for i in range(8)]
@@ -293,8 +290,6 @@ def test_cli_fuse_end_to_end_and_the_result_is_a_base(tiny_encoder, honest, tmp_
     assert {"config.json", "model.safetensors", "tokenizer.json", "README.md"} <= {p.name for p in out.iterdir()}
     model, info = AutoModel.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
-
-    from conftest import toy_texts
 
     texts, labels = toy_texts(80)
     clf = TextClassifier(base=out, epochs=1, batch_size=16, precision="fp32").fit(texts, labels)

@@ -3,11 +3,13 @@
 import numpy as np
 import pytest
 import torch
+from helpers import toy_texts
 from serving_helpers import tiny_model
 
+from potluck.batching import batched_logits
 from potluck.errors import UserError
 from potluck.hardware import pretend, real_cpu
-from potluck.inference import Predictor, batched_logits
+from potluck.inference import Predictor
 
 TEXTS = ["server down now", "thanks for the great call next week", "payment failed",
          "hello", "the site is down and customers cannot pay today please help now",
@@ -72,8 +74,6 @@ def test_learned_something_and_labels_follow_the_config(fp32):
 @pytest.mark.parametrize("precision,max_dp", [("bf16", 0.03), ("int8", 0.05)])
 def test_faster_precisions_agree_with_fp32(folder, fp32, precision, max_dp):
     """On this host: bf16 runs where the CPU has native bf16 (else fp32, see the fallback tests), int8 everywhere."""
-    from conftest import toy_texts
-
     texts, _ = toy_texts(200, seed=5)
     other = Predictor.from_folder(folder, precision=precision)
     runs = precision if precision == "int8" or real_cpu().native_bf16 else "fp32"

@@ -6,6 +6,7 @@ import random
 import numpy as np
 import pytest
 import torch
+from helpers import shared_dataset
 
 from potluck import TextClassifier, read_data
 
@@ -14,8 +15,6 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def sms_model(tmp_path_factory):
-    from conftest import shared_dataset
-
     train = read_data(shared_dataset("sms_spam", "train"))
     order = random.Random(0).sample(range(len(train)), 1000)
     clf = TextClassifier("minilm", epochs=3).fit(train.select(order))
@@ -25,8 +24,6 @@ def sms_model(tmp_path_factory):
 
 
 def test_sms_spam_with_1000_examples_is_accurate_and_calibrated(sms_model):
-    from conftest import shared_dataset
-
     clf, _ = sms_model
     metrics = clf.evaluate(read_data(shared_dataset("sms_spam", "test")))
     print(json.dumps({k: metrics[k] for k in ("accuracy", "macro_f1", "ece")}))

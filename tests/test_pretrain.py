@@ -9,13 +9,13 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import WORDS
+from helpers import WORDS, shared_dataset, toy_texts
 
 from potluck.corpus import Corpus, pack_blocks, read_corpus
 from potluck.data import DataError
 from potluck.errors import UserError
-from potluck.mlm import Masker
-from potluck.pretrain import PretrainSettings, fill_mask, pretrain
+from potluck.mlm import Masker, fill_mask
+from potluck.pretrain import PretrainSettings, pretrain
 from potluck.tokenization import save_tokenizer, train_tokenizer
 
 PLANTED = "the payment was declined twice ."
@@ -190,8 +190,6 @@ def test_output_folder_loads_in_the_fill_mask_pipeline_and_records_its_making(en
 
 
 def test_output_folder_is_a_finetune_base(encoder):
-    from conftest import toy_texts
-
     from potluck import TextClassifier
 
     texts, labels = toy_texts(60)
@@ -347,8 +345,6 @@ def test_blocks_are_deterministic_per_seed(corpus, tok_dir):
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_continued_from_the_embedded_minilm_fills_in_and_fine_tunes(tmp_path):
-    from conftest import shared_dataset, toy_texts
-
     from potluck import TextClassifier
 
     texts = read_corpus(shared_dataset("sms_spam")).documents[:400]

@@ -8,8 +8,10 @@ import sys
 
 import numpy as np
 import pytest
+from helpers import toy_texts
 
-from potluck.data import LabelledData, write_rows
+from potluck.data import LabelledData
+from potluck.tables import write_rows
 
 POTLUCK = [sys.executable, "-m", "potluck"]
 NASTY = "<script>alert('x')</script> & server down"
@@ -44,8 +46,6 @@ def assert_page_shows_every_png(folder):
 @pytest.fixture(scope="module")
 def files(tmp_path_factory, tiny_encoder):
     """A tiny model fine-tuned from train.csv (recorded in its potluck.json), and a test file."""
-    from conftest import toy_texts
-
     from potluck import TextClassifier
     from potluck.data import read_data
 

@@ -28,8 +28,9 @@ from sklearn.metrics import f1_score
 from sklearn.pipeline import FeatureUnion
 
 from potluck import calibration
-from potluck.data import LabelledData, check_known_labels, check_training_data, stratified_split
+from potluck.data import LabelledData, as_labelled, check_known_labels
 from potluck.errors import UserError
+from potluck.splits import stratified_split, training_split
 
 logger = logging.getLogger(__name__)
 
@@ -59,10 +60,7 @@ class TfidfBaseline:
             valid: LabelledData | None = None) -> TfidfBaseline:
         """Fit on `texts` (or a LabelledData); choose C and the temperature on `valid` or a split of it."""
         s = self.settings
-        train = texts if isinstance(texts, LabelledData) else LabelledData(list(texts), [str(y) for y in labels])
-        check_training_data(train, valid)
-        if valid is None:
-            train, valid = stratified_split(train, s.valid_fraction, seed=s.seed)
+        train, valid, _, _ = training_split(as_labelled(texts, labels), valid, s.valid_fraction, s.seed)
         self.classes_ = sorted(set(train.labels))
         check_known_labels(valid, self.classes_, role="validation")
         index = {c: i for i, c in enumerate(self.classes_)}

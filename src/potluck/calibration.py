@@ -63,6 +63,24 @@ def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, n_bins: in
     return float(ece)
 
 
+def calibrate(logits: np.ndarray, labels: np.ndarray, *, enabled: bool = True) -> tuple[float, dict]:
+    """A temperature for validation `logits` (N, C), and the record potluck.json keeps of it. The fitted
+    temperature is kept only when it does not raise the validation ECE (then 1, and the record says why)."""
+    before = expected_calibration_error(softmax(logits), labels)
+    fitted = fit_temperature(logits, labels) if enabled else 1.0
+    ece_fitted = expected_calibration_error(softmax(logits, fitted), labels)
+    kept = not enabled or ece_fitted <= before
+    if not kept:
+        logger.warning("calibration not kept: temperature %.3f raised validation ECE from %.4f to %.4f",
+                       fitted, before, ece_fitted)
+    temperature = fitted if kept else 1.0
+    record = {"method": "temperature" if enabled and kept else "none", "temperature": temperature,
+              "ece_before": before, "ece_after": ece_fitted if kept else before, "fitted_on": "validation split"}
+    if not kept:
+        record["not_kept"] = f"temperature {fitted:.4g} raised validation ECE from {before:.4f} to {ece_fitted:.4f}"
+    return temperature, record
+
+
 def fold_temperature(model, temperature: float) -> None:
     """Divide the final linear layer of a sequence-classification model by T, in place."""
     head = final_linear(model)

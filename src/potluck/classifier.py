@@ -10,29 +10,27 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, fields
-from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator, ClassifierMixin
 
-from potluck import __version__, calibration, distributed, modelcard
-from potluck.batching import tokenize
-from potluck.data import LabelledData, check_known_labels, check_training_data, stratified_split
+from potluck import calibration, distributed
+from potluck.batching import batched_logits, tokenize
+from potluck.data import LabelledData, as_labelled, check_known_labels
 from potluck.encoders import DEFAULT_BASE, load_config, load_for_classification, load_tokenizer, resolve_base
 from potluck.errors import UserError
-from potluck.evaluation import classification_metrics
-from potluck.fileio import atomic_folder, atomic_write_json
+from potluck.evaluation import classification_metrics, validation_summary
 from potluck.finetune import FinetuneSettings, run
-from potluck.folder import quiet_transformers
-from potluck.inference import Predictor, batched_logits
+from potluck.folder import new_meta, read_meta, write_folder
+from potluck.inference import Predictor
+from potluck.splits import data_record, training_split
 
 logger = logging.getLogger(__name__)
 
@@ -83,71 +81,46 @@ class TextClassifier(ClassifierMixin, BaseEstimator):
             checkpoint_dir: str | os.PathLike | None = None, resume: bool = False,
             on_step: Callable[[dict], None] | None = None) -> TextClassifier:
         """Fine-tune on (texts, labels), early-stop and calibrate on `valid` (or a stratified split)."""
-        train = texts if isinstance(texts, LabelledData) else LabelledData(list(texts), [str(y) for y in labels])
-        if isinstance(valid, tuple):
-            valid = LabelledData(list(valid[0]), [str(y) for y in valid[1]])
         s = self.settings
-        resolve_base(self.base)  # a wrong base fails before any work is done
-        positions = getattr(load_config(self.base), "max_position_embeddings", None)
-        if isinstance(positions, int) and s.max_length > positions:
-            raise UserError(f"max_length {s.max_length} is longer than base '{self.base}' allows ({positions} "
-                            "positions)", hint=f"use --max-length {positions} or less")
-        self.warnings_ = check_training_data(train, valid)
-        valid_source = valid.path or "given" if valid is not None else f"{s.valid_fraction:.0%} stratified split"
-        if valid is None:
-            train, valid = stratified_split(train, s.valid_fraction, seed=s.seed)
+        self._check_base()  # a wrong base or max_length fails before any work is done
+        train, valid, valid_source, self.warnings_ = training_split(
+            as_labelled(texts, labels), as_labelled(valid) if valid is not None else None, s.valid_fraction, s.seed)
         if s.calibrate and len(valid) < 100:
             logger.warning("calibrating on only %d validation examples: probabilities will be rough; "
                            "a validation set of a few hundred gives honest ones", len(valid))
         self.classes_ = sorted(set(train.labels))
         index = {label: i for i, label in enumerate(self.classes_)}
-        y_train = np.array([index[y] for y in train.labels])
-        y_valid = np.array([index[y] for y in valid.labels])
+        y_train, y_valid = (np.array([index[y] for y in part.labels]) for part in (train, valid))
 
         torch.manual_seed(s.seed)  # the new head's initial weights
         tokenizer = load_tokenizer(self.base)
         model = load_for_classification(self.base, self.classes_)
-        train_ids = tokenize(tokenizer, train.texts, s.max_length)
-        valid_ids = tokenize(tokenizer, valid.texts, s.max_length)
+        train_ids, valid_ids = (tokenize(tokenizer, part.texts, s.max_length) for part in (train, valid))
         result = run(model, train_ids, y_train, valid_ids, y_valid, s, pad_id=tokenizer.pad_token_id,
                      checkpoint_dir=checkpoint_dir, resume=resume, fingerprint=train.fingerprint(),
                      on_step=on_step)
-        self.history_ = result.history
-        self.fit_result_ = result
-
-        valid_logits = batched_logits(model, valid_ids, pad_id=tokenizer.pad_token_id, bf16=result.bf16,
-                                      device=next(model.parameters()).device)
-        temperature = calibration.fit_temperature(valid_logits, y_valid) if s.calibrate else 1.0
-        probs_before = calibration.softmax(valid_logits)
-        ece_before = calibration.expected_calibration_error(probs_before, y_valid)
-        ece_fitted = calibration.expected_calibration_error(calibration.softmax(valid_logits, temperature), y_valid)
-        kept = not s.calibrate or ece_fitted <= ece_before
-        if not kept:  # the fitted temperature made validation ECE worse: keep the model's own probabilities
-            logger.warning("calibration not kept: temperature %.3f raised validation ECE from %.4f to %.4f",
-                           temperature, ece_before, ece_fitted)
-        self.temperature_ = temperature if kept else 1.0
-        probs_after = calibration.softmax(valid_logits, self.temperature_)
+        self.history_, self.fit_result_ = result.history, result
+        valid_logits = result.valid_logits  # the best epoch's, computed by `run` (not after a resume)
+        if valid_logits is None:
+            valid_logits = batched_logits(model, valid_ids, pad_id=tokenizer.pad_token_id, bf16=result.bf16,
+                                          device=next(model.parameters()).device)
+        self.temperature_, self.calibration_ = calibration.calibrate(valid_logits, y_valid, enabled=s.calibrate)
         calibration.fold_temperature(model, self.temperature_)
-        self.calibration_ = {
-            "method": "temperature" if s.calibrate and kept else "none",
-            "temperature": self.temperature_,
-            "ece_before": ece_before,
-            "ece_after": calibration.expected_calibration_error(probs_after, y_valid),
-            "fitted_on": "validation split",
-            **({} if kept else {"not_kept": f"temperature {temperature:.4g} raised validation ECE from "
-                                            f"{ece_before:.4f} to {ece_fitted:.4f}"}),
-        }
-        valid_metrics = classification_metrics(y_valid, probs_after, self.classes_)
-        self.metrics_ = {"valid": {k: v for k, v in valid_metrics.items() if k != "per_class"}}
-        self.data_ = {"train_path": train.path, "n_train": len(train), "n_valid": len(valid),
-                      "fingerprint": train.fingerprint(), "valid_source": valid_source,
-                      "label_counts": train.label_counts()}
+        self.metrics_ = validation_summary(y_valid, calibration.softmax(valid_logits, self.temperature_), self.classes_)
+        self.data_ = data_record(train, valid, valid_source)
         self.predictor_ = Predictor(model, tokenizer, max_length=s.max_length,
                                     precision=s.precision, device=str(next(model.parameters()).device))
         logger.info("fitted: best epoch %d, temperature %.3f, validation ECE %.4f -> %.4f",
                     result.best_epoch, self.temperature_, self.calibration_["ece_before"],
                     self.calibration_["ece_after"])
         return self
+
+    def _check_base(self) -> None:
+        resolve_base(self.base)
+        positions = getattr(load_config(self.base), "max_position_embeddings", None)
+        if isinstance(positions, int) and self.settings.max_length > positions:
+            raise UserError(f"max_length {self.settings.max_length} is longer than base '{self.base}' allows "
+                            f"({positions} positions)", hint=f"use --max-length {positions} or less")
 
     # -- predicting -------------------------------------------------------------------------------
 
@@ -166,7 +139,7 @@ class TextClassifier(ClassifierMixin, BaseEstimator):
 
     def evaluate(self, texts: Sequence[str] | LabelledData, labels: Sequence | None = None) -> dict:
         """Accuracy, macro-F1, ECE and the per-class table on labelled data."""
-        data = texts if isinstance(texts, LabelledData) else LabelledData(list(texts), [str(y) for y in labels])
+        data = as_labelled(texts, labels)
         check_known_labels(data, self.classes_)
         index = {label: i for i, label in enumerate(self.classes_)}
         return classification_metrics([index[y] for y in data.labels], self.predict_proba(data.texts),
@@ -181,32 +154,19 @@ class TextClassifier(ClassifierMixin, BaseEstimator):
         self._check_fitted()
         if not distributed.context().is_main:
             return Path(path)  # under torchrun, rank 0 writes the folder
-        meta = self.metadata(command=command, name=Path(path).name)
-        with atomic_folder(path, overwrite=overwrite) as tmp, quiet_transformers():
+        def fill(tmp: Path) -> None:
             self.predictor_.model.save_pretrained(tmp, safe_serialization=True)
             self.predictor_.tokenizer.save_pretrained(tmp)
-            atomic_write_json(tmp / "potluck.json", meta)
-            (tmp / "README.md").write_text(modelcard.render(meta), encoding="utf-8")
-            if history and getattr(self, "history_", None):
-                (tmp / "training_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in self.history_))
+
+        write_folder(path, self.metadata(command=command, name=Path(path).name), fill, overwrite=overwrite,
+                     log=getattr(self, "history_", None) if history else None)
         logger.info("saved %s", path)
         return Path(path)
 
     def metadata(self, *, command: str | None = None, name: str | None = None) -> dict:
-        return {
-            "format": "potluck.classifier/1",
-            "name": name,
-            "potluck_version": __version__,
-            "created": datetime.now(UTC).isoformat(timespec="seconds"),
-            "base": self.base,
-            "classes": list(self.classes_),
-            "settings": asdict(self.settings),
-            "calibration": self.calibration_,
-            "metrics": self.metrics_,
-            "data": self.data_,
-            "training": self.training_summary(),
-            "command": command,
-        }
+        return new_meta("potluck.classifier/1", name=name, base=self.base, classes=list(self.classes_),
+                        settings=asdict(self.settings), calibration=self.calibration_, metrics=self.metrics_,
+                        data=self.data_, training=self.training_summary(), command=command)
 
     def training_summary(self) -> dict:
         r = getattr(self, "fit_result_", None)
@@ -219,13 +179,12 @@ class TextClassifier(ClassifierMixin, BaseEstimator):
     def load(cls, path: str | os.PathLike, *, precision: str = "auto", device: str = "cpu") -> TextClassifier:
         """Load a folder written by `save` (safetensors only)."""
         path = Path(path)
-        meta_path = path / "potluck.json"
-        if not meta_path.is_file():
+        if not (path / "potluck.json").is_file():
             if not path.exists():
                 raise UserError(f"no such model folder: {path}", hint="pass the --out folder of `potluck finetune`")
             raise UserError(f"{path} is not a Potluck model folder (no potluck.json)",
                             hint="fine-tune one with `potluck finetune`")
-        meta = json.loads(meta_path.read_text())
+        meta = read_meta(path)
         settings = FinetuneSettings(**{k: v for k, v in meta.get("settings", {}).items() if k in SETTING_NAMES})
         clf = cls(meta["base"], settings=settings)
         clf.predictor_ = Predictor.from_folder(path, precision=precision, device=device,

@@ -1,6 +1,6 @@
 """Read and check labelled text data for fine-tuning, prediction and evaluation.
 
-    from potluck.data import read_data, check_training_data, stratified_split
+    from potluck.data import read_data, check_training_data
     train = read_data("train.csv")                  # CSV, TSV, JSONL or Parquet, by suffix
     train, valid = stratified_split(train, 0.1)
     warnings = check_training_data(train, valid)    # raises DataError, returns warnings
@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 from potluck.errors import UserError
-from potluck.fileio import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -150,40 +149,6 @@ def read_data(path: PathLike, text_column: str = "text", label_column: str | Non
 def read_texts(path: PathLike, text_column: str = "text", *, label_column: str | None = None) -> LabelledData:
     """Read texts to predict on (labels not required; read only when `label_column` is given and present)."""
     return read_data(path, text_column, label_column, require_labels=False)
-
-
-def read_records(path: PathLike, text_column: str = "text") -> list[dict]:
-    """Every row of a data file with all its columns, in the order `read_texts` gives its texts (blank
-    lines skipped alike): what `potluck predict --output` writes back beside its own columns."""
-    p = Path(path)
-    fmt = _format_of(p, allow_txt=True)
-    if fmt == "parquet":
-        import pyarrow.parquet as pq
-
-        return pq.read_table(p).to_pylist()
-    text = _read_text(p)
-    if fmt == "txt":
-        return [{text_column: line} for _, line in _text_lines(text)]
-    if fmt == "jsonl":
-        return [json.loads(line) for _, line in _text_lines(text)]
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=_DELIMITERS[fmt], strict=True)
-    records = [row for row in reader if any(field.strip() for field in row)]
-    header = [name.strip() for name in records[0]]
-    return [dict(zip(header, row, strict=True)) for row in records[1:]]
-
-
-def fresh_names(wanted: Sequence[str], taken: Iterable[str]) -> dict[str, str]:
-    """Each wanted column name, or `potluck_<name>` (then `potluck_<name>_2`, ...) where it is taken."""
-    taken = set(taken)
-    names = {}
-    for name in wanted:
-        new, n = (name, 1) if name not in taken else (f"potluck_{name}", 1)
-        while new in taken:
-            n += 1
-            new = f"potluck_{name}_{n}"
-        names[name] = new
-        taken.add(new)
-    return names
 
 
 def _format_of(path: PathLike, *, allow_txt: bool) -> str:
@@ -474,90 +439,10 @@ def check_known_labels(data: LabelledData, classes: Sequence[str], *, role: str 
 # ---------------------------------------------------------------- splitting
 
 
-def stratified_split(data: LabelledData, fraction: float = 0.1, *, seed: int = 0,
-                     min_valid: int = 1) -> tuple[LabelledData, LabelledData]:
-    """Split into (train, valid), deterministic for a seed, keeping the original order within each part.
-
-    Every class with >= 2 examples gets at least one in valid; every class keeps one in train (single
-    examples stay in train). sklearn's stratified split does the work; it does not guarantee a small class a
-    place in valid, so that is fixed by hand afterwards.
-    """
-    from sklearn.model_selection import train_test_split
-
-    if not 0 < fraction < 1:
-        raise ValueError(f"fraction must be between 0 and 1, got {fraction}")
-    labels = _labels_of(data, "training")
-    counts = Counter(labels)
-    pool = [i for i, label in enumerate(labels) if counts[label] >= 2]
-    n_classes = len({labels[i] for i in pool})
-    if not pool:
-        raise DataError("cannot make a validation split: every class has a single example", path=data.path,
-                        hint="Add more examples, or pass a separate validation file")
-    size = max(round(fraction * len(data)), min_valid, n_classes)
-    size = min(size, len(pool) - n_classes)  # train keeps one example of every class
-    keep, held = train_test_split(pool, test_size=size, random_state=seed, shuffle=True,
-                                  stratify=[labels[i] for i in pool])
-    sides: dict[str, tuple[list[int], list[int]]] = defaultdict(lambda: ([], []))
-    for side, indices in enumerate((keep, held)):
-        for i in indices:
-            sides[labels[i]][side].append(i)
-    for train_part, valid_part in sides.values():  # sklearn may leave a small class out of one side
-        for source, target in ((train_part, valid_part), (valid_part, train_part)):
-            if not target:
-                target.append(source.pop(source.index(min(source))))
-    held = {i for _, valid_part in sides.values() for i in valid_part}
-    train_idx = sorted(set(range(len(data))) - held)
-    logger.info("split %s: %d train, %d valid", data.path or "data", len(train_idx), len(held))
-    return data.select(train_idx), data.select(sorted(held))
-
-
-# ---------------------------------------------------------------- writing
-
-
-def _plain(value: Any) -> Any:
-    """numpy scalars and arrays to plain Python values."""
-    if hasattr(value, "tolist") and not isinstance(value, str | bytes):
-        return value.tolist()
-    return value
-
-
-def check_writable_format(path: PathLike, fmt: str | None = None) -> str:
-    """The format `write_rows` writes `path` in (by suffix, or `fmt`); a DataError for one it cannot."""
-    fmt = fmt or FORMATS.get(Path(path).suffix.lower())
-    if fmt not in set(FORMATS.values()):
-        raise DataError(f"cannot write file type {Path(path).suffix or '(no suffix)'!r}", path=path,
-                        hint=f"Use one of {', '.join(FORMATS)}")
-    return fmt
-
-
-def write_rows(path: PathLike, rows: list[dict], *, fmt: str | None = None) -> None:
-    """Write rows as CSV, TSV, JSONL or Parquet (by suffix, or `fmt`) atomically: temp file, fsync, rename.
-
-    Columns are the keys in order of first appearance; in CSV/TSV, lists and dicts are written as JSON.
-    """
-    fmt = check_writable_format(path, fmt)
-    rows = [{key: _plain(value) for key, value in row.items()} for row in rows]
-    columns = list(dict.fromkeys(key for row in rows for key in row))
-    if fmt == "parquet":
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        sink = pa.BufferOutputStream()
-        pq.write_table(pa.Table.from_pylist([{c: row.get(c) for c in columns} for row in rows])
-                       if rows else pa.table({}), sink)
-        payload = sink.getvalue().to_pybytes()
-    elif fmt == "jsonl":
-        payload = "".join(json.dumps(row, ensure_ascii=False, default=_plain) + "\n" for row in rows).encode()
-    else:
-        out = io.StringIO()
-        writer = csv.DictWriter(out, columns, delimiter=_DELIMITERS[fmt], lineterminator="\n")
-        writer.writeheader()
-        writer.writerows({k: json.dumps(v, ensure_ascii=False, default=_plain) if isinstance(v, list | dict)
-                          else v for k, v in row.items()} for row in rows)
-        payload = out.getvalue().encode("utf-8")
-    try:
-        atomic_write_bytes(path, payload)
-    except OSError as err:
-        raise DataError(f"cannot write here ({err.strerror or err})", path=path,
-                        hint="Check that the folder exists and is writable") from None
-    logger.debug("wrote %d rows to %s", len(rows), path)
+def as_labelled(texts, labels=None) -> LabelledData:
+    """texts and labels, a (texts, labels) tuple or a LabelledData, as a LabelledData (labels as strings)."""
+    if isinstance(texts, LabelledData):
+        return texts
+    if isinstance(texts, tuple) and labels is None:
+        texts, labels = texts
+    return LabelledData(list(texts), [str(y) for y in labels])

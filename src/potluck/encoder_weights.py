@@ -28,6 +28,7 @@ from safetensors import safe_open
 
 from potluck.encoders import load_config
 from potluck.errors import UserError
+from potluck.folder import read_config, weight_files
 
 HEAD_PREFIXES = ("classifier.", "cls.", "score.", "lm_head.", "qa_outputs.", "pre_classifier.",
                  "head.")  # "head.": the task head inside a commons contribution file
@@ -44,8 +45,6 @@ class WeightFile:
 
     def __init__(self, folder: str | os.PathLike, prefix: str):
         from safetensors import SafetensorError
-
-        from potluck.folder import read_config
 
         self.folder = Path(folder)
         self.files = weight_files(self.folder)
@@ -90,26 +89,6 @@ class WeightFile:
                 for block in iter(lambda: f.read(1 << 20), b""):
                     digest.update(block)
         return digest.hexdigest()
-
-
-def weight_files(folder: Path) -> list[Path]:
-    """The safetensors files of a model folder; UserError when there are none (pickles are refused)."""
-    if not folder.is_dir():
-        raise UserError(f"no such model folder: {folder}", hint="pass folders written by `potluck finetune`")
-    single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
-    if single.is_file():
-        return [single]
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text()).get("weight_map", {}).values()))
-        missing = [s for s in shards if not (folder / s).is_file()]
-        if missing or not shards:
-            raise UserError(f"{index}: shard {missing[0] if missing else '(none listed)'} is missing",
-                            hint="copy the whole model folder")
-        return [folder / s for s in shards]
-    pickled = [p.name for p in folder.glob("*.bin")] + [p.name for p in folder.glob("*.pt")]
-    hint = (f"found {', '.join(pickled)}: pickles, which Potluck never loads; re-save with safetensors"
-            if pickled else "pass folders written by `potluck finetune` or save_pretrained")
-    raise UserError(f"{folder} has no model.safetensors", hint=hint)
 
 
 def base_model_prefix(base: str | os.PathLike) -> str:

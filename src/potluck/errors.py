@@ -19,3 +19,11 @@ class UserError(ValueError):
 
 class NonFiniteOutput(UserError):
     """The model gave NaN or inf for a text: never passed on as a probability."""
+
+
+def require(*rules) -> None:
+    """Raise a UserError for the first `(ok, message)` or `(ok, message, hint)` rule that does not hold:
+    every settings dataclass checks its fields with this in `__post_init__`."""
+    for ok, message, *hint in rules:
+        if not ok:
+            raise UserError(message, hint=hint[0] if hint else None)

@@ -162,3 +162,9 @@ def align_columns(probs: np.ndarray, have: Sequence[str], want: Sequence[str]) -
         if c in index:
             out[:, j] = probs[:, index[c]]
     return out
+
+
+def validation_summary(labels: np.ndarray, probs: np.ndarray, classes: Sequence[str]) -> dict:
+    """potluck.json's metrics: {"valid": the classification metrics without the per-class table}."""
+    metrics = classification_metrics(labels, probs, classes)
+    return {"valid": {k: v for k, v in metrics.items() if k != "per_class"}}

@@ -46,7 +46,7 @@ def export_onnx(folder: str | os.PathLike, out: str | os.PathLike, *, int8: bool
 
     from potluck.fastbert import FastTokenizer
     from potluck.fileio import atomic_folder
-    from potluck.inference import folder_max_length
+    from potluck.folder import max_length_of
     from potluck.quantize import calibration_texts
 
     folder, out = Path(folder), Path(out)
@@ -57,7 +57,7 @@ def export_onnx(folder: str | os.PathLike, out: str | os.PathLike, *, int8: bool
         raise UserError(f"{out} already exists and is not empty", hint="choose a new --out, or add --overwrite to replace it")
     if same and (folder / "onnx").exists() and not overwrite:
         raise UserError(f"{folder / 'onnx'} already exists", hint="add --overwrite to export again")
-    tokenizer = FastTokenizer.from_folder(folder, max_length=folder_max_length(folder))
+    tokenizer = FastTokenizer.from_folder(folder, max_length=max_length_of(folder))
     if tokenizer is None:
         raise UserError(f"{folder} has no tokenizer.json", hint="the ONNX backend tokenizes with the folder's tokenizer.json")
     model = AutoModelForSequenceClassification.from_pretrained(folder, use_safetensors=True,

@@ -10,10 +10,8 @@ less overhead, and we need exact control of batching, checkpoints and the order 
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -21,14 +19,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from potluck import distributed
-from potluck.batching import pad, training_batches
-from potluck.errors import UserError
-from potluck.fileio import atomic_write_json
+from potluck.batching import batched_logits, pad, training_batches
+from potluck.errors import require
 from potluck.hardware import plan_precision
-from potluck.inference import batched_logits
+from potluck.training import (
+    CheckpointFolder,
+    linear_schedule,
+    load_optimizer,
+    make_optimizer,
+    optimizer_tensors,
+    resolve_device,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +65,7 @@ class FinetuneSettings:
                 "and most of the optimiser's work, see benchmarks/finetune.py)"})
 
     def __post_init__(self):
-        checks = [
+        require(
             (self.epochs >= 1, "epochs must be at least 1"),
             (self.batch_size >= 1, "batch_size must be at least 1"),
             (self.learning_rate > 0, "learning_rate must be positive"),
@@ -72,10 +76,7 @@ class FinetuneSettings:
             (self.class_weights in ("none", "balanced"), "class_weights must be 'none' or 'balanced'"),
             (self.precision in ("auto", "fp32", "bf16"), "precision must be 'auto', 'fp32' or 'bf16'"),
             (self.device in ("cpu", "cuda", "auto"), "device must be 'cpu', 'cuda' or 'auto'"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise UserError(message)
+        )
 
 
 @dataclass
@@ -87,39 +88,7 @@ class FinetuneResult:
     examples_per_s: float
     bf16: bool
     world_size: int = 1             # processes that trained; the effective batch is settings.batch_size
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but no CUDA GPU is visible", hint="use --device cpu")
-    return torch.device(name)
-
-
-def make_optimizer(model: torch.nn.Module, settings) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on biases and LayerNorm weights; the head (if `settings` gives it a
-    learning rate of its own) in groups of its own."""
-    head_lr = getattr(settings, "head_learning_rate", 0.0) or settings.learning_rate
-    head = {id(p) for p in _head(model).parameters()} if head_lr != settings.learning_rate else set()
-    groups = {}
-    for param in model.parameters():
-        if param.requires_grad:
-            key = (id(param) in head, param.ndim < 2)  # (in the head, a bias or LayerNorm weight)
-            groups.setdefault(key, []).append(param)
-    return torch.optim.AdamW(
-        [{"params": params, "weight_decay": 0.0 if no_decay else settings.weight_decay,
-          "lr": head_lr if in_head else settings.learning_rate}
-         for (in_head, no_decay), params in sorted(groups.items())],
-        lr=settings.learning_rate, fused=True)
-
-
-def _head(model: torch.nn.Module) -> torch.nn.Module:
-    """The task head of a transformers sequence-classification model (`classifier`, or `score`)."""
-    for name in ("classifier", "score"):
-        if isinstance(getattr(model, name, None), torch.nn.Module):
-            return getattr(model, name)
-    return torch.nn.Identity()
+    valid_logits: np.ndarray | None = field(default=None, repr=False)  # the best epoch's, None after a resume
 
 
 def freeze_word_embeddings(model: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -135,20 +104,35 @@ def freeze_word_embeddings(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [weight]
 
 
-def linear_schedule(optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up to the peak, then linear decay to zero (transformers' default schedule)."""
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        return max(0.0, (total - step) / max(1, total - warmup))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
 def class_weight_tensor(labels: np.ndarray, n_classes: int, mode: str) -> torch.Tensor | None:
     if mode != "balanced":
         return None
     counts = np.bincount(labels, minlength=n_classes).astype(np.float64)
     return torch.tensor(len(labels) / (n_classes * np.maximum(counts, 1)), dtype=torch.float32)
+
+
+@dataclass
+class _Run:
+    """What one fine-tuning run holds between its steps (built by `_build`)."""
+
+    model: torch.nn.Module
+    forward: torch.nn.Module  # the model, wrapped in DistributedDataParallel under torchrun
+    ctx: distributed.Context
+    device: torch.device
+    bf16: bool
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    checkpoints: Checkpoints | None
+    state: dict  # epoch, step, best_epoch, best_valid_loss, bad_epochs, history
+    best: dict | None  # the best epoch's weights (None until known after a resume)
+    class_weights: torch.Tensor | None
+    label_weight: np.ndarray  # per class, for the loss denominators
+    total_steps: int
+    frozen: list = field(default_factory=list)
+    attention: str = "sdpa"
+    best_logits: np.ndarray | None = None  # the validation logits of the best epoch
+    seen: int = 0
+    seconds: float = 0.0
 
 
 def run(model, train_ids: list[list[int]], train_labels: np.ndarray, valid_ids: list[list[int]],
@@ -157,8 +141,25 @@ def run(model, train_ids: list[list[int]], train_labels: np.ndarray, valid_ids: 
         on_step: Callable[[dict], None] | None = None) -> FinetuneResult:
     """Fine-tune `model` in place and leave the weights of the best validation epoch in it.
 
-    Under torchrun every rank runs this same function; see distributed.py.
+    build -> per epoch: the training steps, then the end of the epoch (validation loss, best weights,
+    checkpoint) -> the stop check (patience). Under torchrun every rank runs this same function.
     """
+    r = _build(model, train_labels, settings, checkpoint_dir, resume, fingerprint, len(train_ids))
+    on_step = on_step if r.ctx.is_main else None
+    for epoch in range(r.state["epoch"], settings.epochs):
+        if r.state["bad_epochs"] > settings.patience:
+            break
+        _train_epoch(r, epoch, train_ids, train_labels, settings, pad_id, on_step)
+        _end_of_epoch(r, epoch, valid_ids, valid_labels, pad_id, on_step)
+        if r.state["bad_epochs"] >= settings.patience:
+            logger.info("early stopping: no better validation loss for %d epochs", settings.patience)
+            break
+    return _finish(r)
+
+
+def _build(model, train_labels: np.ndarray, settings: FinetuneSettings, checkpoint_dir, resume: bool,
+           fingerprint: str, n_train: int) -> _Run:
+    """Device, precision, optimiser, schedule, class weights, checkpoints; the state to start from."""
     ctx = distributed.context()
     device = distributed.device_for(ctx, resolve_device(settings.device))
     distributed.init(ctx, device)
@@ -170,150 +171,130 @@ def run(model, train_ids: list[list[int]], train_labels: np.ndarray, valid_ids: 
         # torch's CPU flash-attention backward in bf16 is slow at these lengths (about a third of the step
         # in a profile of MiniLM on 25-token texts); the plain matmul attention is faster to train.
         model.set_attn_implementation("eager")
-    train_model = torch.nn.parallel.DistributedDataParallel(model) if ctx.enabled else model
-    on_step = on_step if ctx.is_main else None
     n_classes = model.config.num_labels
     weights = class_weight_tensor(train_labels, n_classes, settings.class_weights)
-    label_weight = weights.numpy() if weights is not None else np.ones(n_classes)  # for the denominators
-    weights = weights.to(device) if weights is not None else None
-    lengths = [len(row) for row in train_ids]
-    steps_per_epoch = math.ceil(len(train_ids) / settings.batch_size)
-    total_steps = steps_per_epoch * settings.epochs
-    optimizer = make_optimizer(model, settings)
+    total_steps = math.ceil(n_train / settings.batch_size) * settings.epochs
+    optimizer = make_optimizer(model, learning_rate=settings.learning_rate, weight_decay=settings.weight_decay,
+                               head_learning_rate=settings.head_learning_rate)
     scheduler = linear_schedule(optimizer, int(settings.warmup_ratio * total_steps), total_steps)
-
-    ckpt = Checkpoints(checkpoint_dir, settings, fingerprint, ctx) if checkpoint_dir else None
+    checkpoints = Checkpoints(checkpoint_dir, settings, fingerprint, ctx) if checkpoint_dir else None
     state = {"epoch": 0, "step": 0, "best_epoch": 0, "best_valid_loss": math.inf, "bad_epochs": 0, "history": []}
-    if ckpt and resume:
-        state = ckpt.restore(model, optimizer, scheduler) or state
-    history = state["history"]
-    seen, seconds = 0, 0.0
-    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()} if state["epoch"] == 0 else None
-    if ckpt and state["epoch"] > 0:
-        best_state = ckpt.load_best(device)
+    if checkpoints and resume:
+        state = checkpoints.restore(model, optimizer, scheduler) or state
+    best = {k: v.detach().clone() for k, v in model.state_dict().items()} if state["epoch"] == 0 else None
+    if checkpoints and state["epoch"] > 0:
+        best = checkpoints.load_best(device)
+    return _Run(model=model, forward=torch.nn.parallel.DistributedDataParallel(model) if ctx.enabled else model,
+                ctx=ctx, device=device, bf16=bf16, optimizer=optimizer, scheduler=scheduler, checkpoints=checkpoints,
+                state=state, best=best, class_weights=weights.to(device) if weights is not None else None,
+                label_weight=weights.numpy() if weights is not None else np.ones(n_classes),
+                total_steps=total_steps, frozen=frozen, attention=attention)
 
-    for epoch in range(state["epoch"], settings.epochs):
-        if state["bad_epochs"] > settings.patience:
-            break
-        torch.manual_seed(settings.seed * 1000 + epoch + 7919 * ctx.rank)  # dropout: the same after a resume
-        model.train()
-        for batch in training_batches(lengths, settings.batch_size, seed=settings.seed, epoch=epoch):
-            start = time.perf_counter()
-            local = distributed.shard(batch, ctx)
-            share = 1.0 if local else 0.0  # a rank left without examples still joins the all-reduce
-            local = local or batch[:1]
-            input_ids, mask = pad([train_ids[i] for i in local], pad_id)  # (b, T), (b, T)
-            targets = torch.as_tensor(train_labels[local], device=device)  # (b,)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                logits = train_model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits  # (b, C)
-            losses = torch.nn.functional.cross_entropy(logits.float(), targets, weight=weights, reduction="none")
-            # The mean over the *global* batch (weighted like cross_entropy's weight=): DDP averages the
-            # gradients over ranks, so each rank scales its sum by world_size / global denominator.
-            denominator = float(label_weight[train_labels[batch]].sum())
-            loss = losses.sum() * share * ctx.world_size / denominator
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            state["step"] += 1
-            seconds += time.perf_counter() - start
-            seen += len(batch)
-            row = {"step": state["step"], "epoch": epoch + 1, "loss": loss.item() / ctx.world_size,
-                   "lr": scheduler.get_last_lr()[0]}
-            history.append(row)
-            if on_step:
-                on_step({**row, "total_steps": total_steps, "examples_per_s": seen / max(seconds, 1e-9)})
 
-        valid_logits = batched_logits(model, valid_ids, pad_id=pad_id, bf16=bf16, device=device)
-        valid_loss = float(torch.nn.functional.cross_entropy(torch.as_tensor(valid_logits),
-                                                             torch.as_tensor(valid_labels)))
-        history.append({"step": state["step"], "epoch": epoch + 1, "valid_loss": valid_loss})
-        logger.info("epoch %d: validation loss %.4f", epoch + 1, valid_loss)
-        improved = valid_loss < state["best_valid_loss"] - 1e-4
-        if improved:
-            state.update(best_epoch=epoch + 1, best_valid_loss=valid_loss, bad_epochs=0)
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        else:
-            state["bad_epochs"] += 1
-        state["epoch"] = epoch + 1
+def _train_epoch(r: _Run, epoch: int, train_ids, train_labels: np.ndarray, settings: FinetuneSettings,
+                 pad_id: int, on_step) -> None:
+    """The training steps of one epoch, each on this rank's slice of the same global batch."""
+    torch.manual_seed(settings.seed * 1000 + epoch + 7919 * r.ctx.rank)  # dropout: the same after a resume
+    r.model.train()
+    lengths = [len(row) for row in train_ids]
+    for batch in training_batches(lengths, settings.batch_size, seed=settings.seed, epoch=epoch):
+        start = time.perf_counter()
+        loss = _step(r, batch, train_ids, train_labels, settings, pad_id)
+        r.state["step"] += 1
+        r.seconds += time.perf_counter() - start
+        r.seen += len(batch)
+        row = {"step": r.state["step"], "epoch": epoch + 1, "loss": loss / r.ctx.world_size,
+               "lr": r.scheduler.get_last_lr()[0]}
+        r.state["history"].append(row)
         if on_step:
-            on_step({"epoch_end": epoch + 1, "valid_loss": valid_loss, "improved": improved})
-        if ckpt:
-            ckpt.save(model, optimizer, scheduler, state, best_state if improved else None)
-        if state["bad_epochs"] >= settings.patience:
-            logger.info("early stopping: no better validation loss for %d epochs", settings.patience)
-            break
+            on_step({**row, "total_steps": r.total_steps, "examples_per_s": r.seen / max(r.seconds, 1e-9)})
 
-    model.load_state_dict(best_state)
-    model.set_attn_implementation(attention)
-    for param in frozen:
+
+def _step(r: _Run, batch: list[int], train_ids, train_labels: np.ndarray, settings: FinetuneSettings,
+          pad_id: int) -> float:
+    """One optimiser step on a global batch; returns this rank's share of the loss."""
+    local = distributed.shard(batch, r.ctx)
+    share = 1.0 if local else 0.0  # a rank left without examples still joins the all-reduce
+    local = local or batch[:1]
+    input_ids, mask = pad([train_ids[i] for i in local], pad_id)  # (b, T), (b, T)
+    targets = torch.as_tensor(train_labels[local], device=r.device)  # (b,)
+    with torch.autocast(r.device.type, dtype=torch.bfloat16, enabled=r.bf16):
+        logits = r.forward(input_ids=input_ids.to(r.device), attention_mask=mask.to(r.device)).logits  # (b, C)
+    losses = torch.nn.functional.cross_entropy(logits.float(), targets, weight=r.class_weights, reduction="none")
+    # The mean over the *global* batch (weighted like cross_entropy's weight=): DDP averages the
+    # gradients over ranks, so each rank scales its sum by world_size / global denominator.
+    denominator = float(r.label_weight[train_labels[batch]].sum())
+    loss = losses.sum() * share * r.ctx.world_size / denominator
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(r.model.parameters(), settings.max_grad_norm)
+    r.optimizer.step()
+    r.scheduler.step()
+    r.optimizer.zero_grad(set_to_none=True)
+    return loss.item()
+
+
+def _end_of_epoch(r: _Run, epoch: int, valid_ids, valid_labels: np.ndarray, pad_id: int, on_step) -> None:
+    """Validation loss; the best weights (and their validation logits) when it improved; a checkpoint."""
+    logits = batched_logits(r.model, valid_ids, pad_id=pad_id, bf16=r.bf16, device=r.device)
+    valid_loss = float(torch.nn.functional.cross_entropy(torch.as_tensor(logits), torch.as_tensor(valid_labels)))
+    r.state["history"].append({"step": r.state["step"], "epoch": epoch + 1, "valid_loss": valid_loss})
+    logger.info("epoch %d: validation loss %.4f", epoch + 1, valid_loss)
+    improved = valid_loss < r.state["best_valid_loss"] - 1e-4
+    if improved:
+        r.state.update(best_epoch=epoch + 1, best_valid_loss=valid_loss, bad_epochs=0)
+        r.best = {k: v.detach().clone() for k, v in r.model.state_dict().items()}
+        r.best_logits = logits
+    else:
+        r.state["bad_epochs"] += 1
+    r.state["epoch"] = epoch + 1
+    if on_step:
+        on_step({"epoch_end": epoch + 1, "valid_loss": valid_loss, "improved": improved})
+    if r.checkpoints:
+        r.checkpoints.save(r.model, r.optimizer, r.scheduler, r.state, r.best if improved else None)
+
+
+def _finish(r: _Run) -> FinetuneResult:
+    """The best epoch's weights back in the model, which leaves in eval mode as it came in otherwise."""
+    r.model.load_state_dict(r.best)
+    r.model.set_attn_implementation(r.attention)
+    for param in r.frozen:
         param.requires_grad_(True)
-    model.eval()
-    return FinetuneResult(history=history, best_epoch=state["best_epoch"],
-                          best_valid_loss=state["best_valid_loss"], epochs_run=state["epoch"],
-                          examples_per_s=seen / seconds if seconds else 0.0, bf16=bf16,
-                          world_size=ctx.world_size)
+    r.model.eval()
+    return FinetuneResult(history=r.state["history"], best_epoch=r.state["best_epoch"],
+                          best_valid_loss=r.state["best_valid_loss"], epochs_run=r.state["epoch"],
+                          examples_per_s=r.seen / r.seconds if r.seconds else 0.0, bf16=r.bf16,
+                          world_size=r.ctx.world_size, valid_logits=r.best_logits)
 
 
 class Checkpoints:
-    """One folder per finished epoch: model, optimiser and best weights in safetensors, the rest in JSON.
-
-    An epoch's folder is written under a temporary name and renamed when complete, so a kill at any
-    moment leaves the previous epoch's checkpoint intact. Resume refuses a checkpoint made with other
-    data or other settings.
-    """
+    """One checkpoint per finished epoch (potluck.training.CheckpointFolder): model, optimiser and best
+    weights in safetensors, the rest in JSON. Resume refuses a checkpoint made with other data or other
+    settings."""
 
     def __init__(self, folder: str | Path, settings: FinetuneSettings, fingerprint: str,
                  ctx: distributed.Context | None = None):
-        self.folder = Path(folder)
         self.ctx = ctx or distributed.Context()
-        self.identity = {"fingerprint": fingerprint, "settings": asdict(settings)}
+        self.folder = CheckpointFolder(folder, "epoch", {"fingerprint": fingerprint, "settings": asdict(settings)},
+                                       digits=4)
 
-    def latest(self) -> Path | None:
-        done = sorted(p for p in self.folder.glob("epoch-*") if p.is_dir() and not p.name.endswith(".tmp"))
-        return done[-1] if done else None
-
-    def save(self, model, optimizer, scheduler, state: dict, best_state: dict | None) -> None:
+    def save(self, model, optimizer, scheduler, state: dict, best: dict | None) -> None:
         """Rank 0 writes; every rank waits until it has, so a resume finds the same checkpoint."""
         if self.ctx.is_main:
-            self._write(model, optimizer, scheduler, state, best_state)
+            tensors, meta = optimizer_tensors(optimizer)
+            files = {"model.safetensors": model.state_dict(), "optimizer.safetensors": tensors}
+            if best is not None:
+                files["best.safetensors"] = best
+            self.folder.write(state["epoch"], files, {**state, "optimizer": meta, "scheduler": scheduler.state_dict()},
+                              keep=("best.safetensors",))
         self.ctx.barrier()
 
-    def _write(self, model, optimizer, scheduler, state: dict, best_state: dict | None) -> None:
-        final = self.folder / f"epoch-{state['epoch']:04d}"
-        tmp = final.with_name(final.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        save_file(_contiguous(model.state_dict()), tmp / "model.safetensors")
-        previous = self.latest()
-        if best_state is not None:
-            save_file(_contiguous(best_state), tmp / "best.safetensors")
-        elif previous is not None and (previous / "best.safetensors").exists():
-            shutil.copy2(previous / "best.safetensors", tmp / "best.safetensors")
-        tensors, meta = _optimizer_to_tensors(optimizer)
-        save_file(tensors, tmp / "optimizer.safetensors")
-        atomic_write_json(tmp / "state.json", {**self.identity, **state, "optimizer": meta,
-                                               "scheduler": scheduler.state_dict()})
-        tmp.rename(final)
-        for old in self.folder.glob("epoch-*"):
-            if old != final:
-                shutil.rmtree(old, ignore_errors=True)
-        logger.info("checkpoint written: %s", final)
-
     def restore(self, model, optimizer, scheduler) -> dict | None:
-        latest = self.latest()
+        latest, saved = self.folder.read({"fingerprint": "other data"},
+                                         hint="resume with the same data and options, or drop --resume to start afresh")
         if latest is None:
-            logger.info("no checkpoint in %s: starting from the beginning", self.folder)
             return None
-        saved = json.loads((latest / "state.json").read_text())
-        if saved["fingerprint"] != self.identity["fingerprint"]:
-            raise UserError(f"the checkpoint in {self.folder} was made with other data",
-                            hint="use the same data to resume, or drop --resume to start afresh")
-        check_same_settings(saved["settings"], self.identity["settings"], self.folder,
-                            hint="resume with the same options, or drop --resume to start afresh")
         model.load_state_dict(load_file(latest / "model.safetensors"))
-        _optimizer_from_tensors(optimizer, load_file(latest / "optimizer.safetensors"), saved["optimizer"])
+        load_optimizer(optimizer, latest / "optimizer.safetensors", saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr(), strict=True):
             group["lr"] = lr
@@ -321,32 +302,4 @@ class Checkpoints:
         return {k: saved[k] for k in ("epoch", "step", "best_epoch", "best_valid_loss", "bad_epochs", "history")}
 
     def load_best(self, device) -> dict:
-        latest = self.latest()
-        return {k: v.to(device) for k, v in load_file(latest / "best.safetensors").items()}
-
-
-def check_same_settings(saved: dict, current: dict, folder, *, hint: str) -> None:
-    """A checkpoint resumes only under the settings it was made with; name the ones that differ."""
-    if saved != current:
-        changed = sorted(k for k, v in current.items() if saved.get(k) != v)
-        raise UserError(f"the checkpoint in {folder} was made with other settings ({', '.join(changed)})", hint=hint)
-
-
-def _contiguous(state: dict) -> dict:
-    return {k: v.detach().contiguous().cpu() for k, v in state.items()}
-
-
-def _optimizer_to_tensors(optimizer) -> tuple[dict, dict]:
-    """AdamW state as flat safetensors (no pickles): '{param index}.{name}' -> tensor."""
-    tensors, meta = {}, {}
-    for index, state in optimizer.state_dict()["state"].items():
-        for name, value in state.items():
-            tensors[f"{index}.{name}"] = torch.as_tensor(value).contiguous().cpu()
-        meta[str(index)] = sorted(state)
-    return tensors, meta
-
-
-def _optimizer_from_tensors(optimizer, tensors: dict, meta: dict) -> None:
-    full = optimizer.state_dict()
-    full["state"] = {int(i): {name: tensors[f"{i}.{name}"] for name in names} for i, names in meta.items()}
-    optimizer.load_state_dict(full)
+        return {k: v.to(device) for k, v in load_file(self.folder.latest() / "best.safetensors").items()}

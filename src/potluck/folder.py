@@ -1,4 +1,4 @@
-"""A model folder, checked on load: one line naming the folder, the file and what is wrong.
+"""The model folder: checked on load, and its potluck.json, card and atomic write in one place.
 
     from potluck.folder import read_config, load_tensors, check_tensors, check_tokenizer
     config = read_config(folder)                   # config.json: valid JSON, an object
@@ -9,6 +9,10 @@
 Potluck never answers from a broken folder: a missing tensor is not initialised at random, a missing
 tokenizer is not replaced by a default one, a config that does not match its weights is refused, and
 NaN or infinite weights are refused before the first prediction (they would answer NaN).
+
+    meta = new_meta("potluck.classifier/1", name="urgency", base="minilm", ...)
+    write_folder("models/urgency", meta, lambda tmp: model.save_pretrained(tmp))   # + potluck.json, README.md
+    read_meta("models/urgency")                                                  # potluck.json, checked
 """
 
 from __future__ import annotations
@@ -48,8 +52,6 @@ def load_tensors(folder: str | os.PathLike) -> dict:
     """Every tensor of the folder's safetensors file(s), each checked finite. Pickles are never loaded."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
-
-    from potluck.encoder_weights import weight_files
 
     tensors: dict = {}
     for path in weight_files(Path(folder)):
@@ -172,3 +174,75 @@ def quiet_transformers() -> Iterator[None]:
         hf_logging.set_verbosity(verbosity)
         if bars:
             hf_logging.enable_progress_bar()
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of a model folder; UserError when there are none (pickles are refused)."""
+    if not folder.is_dir():
+        raise UserError(f"no such model folder: {folder}", hint="pass folders written by `potluck finetune`")
+    single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
+    if single.is_file():
+        return [single]
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text()).get("weight_map", {}).values()))
+        missing = [s for s in shards if not (folder / s).is_file()]
+        if missing or not shards:
+            raise UserError(f"{index}: shard {missing[0] if missing else '(none listed)'} is missing",
+                            hint="copy the whole model folder")
+        return [folder / s for s in shards]
+    pickled = [p.name for p in folder.glob("*.bin")] + [p.name for p in folder.glob("*.pt")]
+    hint = (f"found {', '.join(pickled)}: pickles, which Potluck never loads; re-save with safetensors"
+            if pickled else "pass folders written by `potluck finetune` or save_pretrained")
+    raise UserError(f"{folder} has no model.safetensors", hint=hint)
+
+
+def max_length_of(folder: str | os.PathLike) -> int:
+    """The max_length a model folder was trained with (potluck.json), else 128."""
+    return int(read_meta(folder).get("settings", {}).get("max_length", 128))
+
+
+# -- potluck.json, the card and the atomic write: one owner ----------------------------------------
+
+def new_meta(fmt: str, **fields) -> dict:
+    """A potluck.json record: its format ('potluck.classifier/1', 'potluck.encoder/1', ...), the Potluck
+    version and the time it was made, then `fields` in order."""
+    from datetime import UTC, datetime
+
+    from potluck import __version__
+
+    return {"format": fmt, "potluck_version": __version__,
+            "created": datetime.now(UTC).isoformat(timespec="seconds"), **fields}
+
+
+def read_meta(folder: str | os.PathLike) -> dict:
+    """A folder's potluck.json ({} when it has none); a UserError with line and column when it is broken."""
+    path = Path(folder) / "potluck.json"
+    if not path.is_file():
+        return {}
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 text", hint=RESAVE) from None
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}:{err.lineno}:{err.colno}: not valid JSON ({err.msg})", hint=RESAVE) from None
+    if not isinstance(meta, dict):
+        raise UserError(f"{path}: a JSON object was expected", hint=RESAVE)
+    return meta
+
+
+def write_folder(path: str | os.PathLike, meta: dict, fill, *, overwrite: bool = False, card: bool = True,
+                 log: list[dict] | None = None) -> Path:
+    """Write a folder atomically (potluck.fileio.atomic_folder): `fill(tmp)` writes the weights, config and
+    tokenizer; then potluck.json = `meta`, README.md = its model card (potluck.modelcard) and, with `log`,
+    training_log.jsonl. An existing non-empty folder is replaced only with `overwrite`."""
+    from potluck import modelcard
+    from potluck.fileio import atomic_folder, atomic_write_json
+
+    with atomic_folder(path, overwrite=overwrite) as tmp, quiet_transformers():
+        fill(tmp)
+        atomic_write_json(tmp / "potluck.json", meta)
+        if card:
+            (tmp / "README.md").write_text(modelcard.render(meta), encoding="utf-8")
+        if log:
+            (tmp / "training_log.jsonl").write_text("".join(json.dumps(row) + "\n" for row in log))
+    return Path(path)

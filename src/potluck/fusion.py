@@ -30,20 +30,17 @@ every input, sized to `working_mib`. So the peak does not grow with N; it is set
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from potluck import __version__
 from potluck.encoder_weights import (
     FLOAT_DTYPES,
     SafetensorsWriter,
@@ -53,8 +50,8 @@ from potluck.encoder_weights import (
     weight_files,
 )
 from potluck.encoders import load_config, load_tokenizer, resolve_base
-from potluck.errors import UserError
-from potluck.fileio import atomic_folder, atomic_write_json, atomic_write_text
+from potluck.errors import UserError, require
+from potluck.folder import new_meta, read_meta, write_folder
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +75,7 @@ class FusionSettings:
         "help": "memory for the row blocks of trimmed-mean and median, in MiB"})
 
     def __post_init__(self):
-        checks = [
+        require(
             (self.method in METHODS, f"unknown fusion method '{self.method}'", f"use one of {', '.join(METHODS)}"),
             (self.weights in WEIGHTINGS, f"unknown weights '{self.weights}'", "use 'equal' or 'examples'"),
             (self.weights == "equal" or self.method == "mean", f"--weights {self.weights} applies to the mean only",
@@ -88,10 +85,7 @@ class FusionSettings:
             (math.isfinite(self.scale) and self.scale > 0, f"scale must be positive, got {self.scale}",
              "e.g. --scale 1.0"),
             (self.working_mib >= 1, "working_mib must be at least 1", "e.g. --working-mib 64"),
-        ]
-        for ok, message, hint in checks:
-            if not ok:
-                raise UserError(message, hint=hint)
+        )
 
 
 # -- the arithmetic, on tensors -------------------------------------------------------------------
@@ -235,9 +229,12 @@ def fuse(models: Sequence[str | os.PathLike], out: str | os.PathLike, *, base: s
     check_compatible(base_file, inputs)
     specs = [(name, dtype, shape) for name, (_, _, dtype, shape) in base_file.body.items()]
     sq_dist, sq_base = np.zeros(len(inputs)), 0.0
-    with atomic_folder(out, overwrite=overwrite) as tmp:
+    norms: list[float] = []
+
+    def fill(tmp: Path) -> None:  # the fused tensors, one at a time straight to disk; config and tokenizer
+        nonlocal sq_base
         with SafetensorsWriter(tmp / "model.safetensors", specs, {"format": "pt"}) as writer:
-            for name, dtype, _ in specs:  # one tensor at a time, straight to disk
+            for name, dtype, _ in specs:
                 base_tensor = base_file.load(name)
                 if dtype not in FLOAT_DTYPES:
                     writer.write(name, base_tensor)  # integer buffers (position_ids) come from the base
@@ -252,12 +249,13 @@ def fuse(models: Sequence[str | os.PathLike], out: str | os.PathLike, *, base: s
                 sq_dist[members] += sq
                 writer.write(name, tensor.to(base_tensor.dtype))
                 del tensor, base_tensor
-        norms = [float(np.sqrt(d / max(sq_base, 1e-30))) for d in sq_dist]
-        meta = fusion_metadata(base_name, base_file, inputs, settings, w, norms, command)
+        norms.extend(float(np.sqrt(d / max(sq_base, 1e-30))) for d in sq_dist)
+        meta.update(fusion_metadata(base_name, base_file, inputs, settings, w, norms, command))
         write_encoder_config(base_path, tmp)
         load_tokenizer(base_path).save_pretrained(tmp)
-        atomic_write_json(tmp / "potluck.json", meta)
-        atomic_write_text(tmp / "README.md", model_card(meta))
+
+    meta: dict = {}  # made once the norms are known, inside fill, before write_folder writes potluck.json
+    write_folder(out, meta, fill, overwrite=overwrite)
     seconds = time.perf_counter() - start
     logger.info("fused %d models with %s into %s (%d tensors, %.1f s)", len(inputs), settings.method, out,
                 len(specs), seconds)
@@ -299,17 +297,6 @@ def fuse_one(name: str, base_tensor: torch.Tensor, inputs: Sequence[WeightFile],
 
 def squared_norm(tensor: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm(tensor.float())) ** 2  # float32, without a float64 copy
-
-
-def read_meta(folder: Path) -> dict:
-    path = folder / "potluck.json"
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise UserError(f"{path}: not valid JSON (line {err.lineno}, column {err.colno})",
-                        hint="restore it from the model's source") from err
 
 
 def recorded_base(folders: Sequence[Path]) -> str:
@@ -363,17 +350,10 @@ def fusion_metadata(base_name: str, base: WeightFile, inputs: Sequence[WeightFil
         params = {"trim": settings.trim, "k_per_side": trim_count(len(inputs), settings.trim)}
     elif settings.method == "ties":
         params = {"density": settings.density, "scale": settings.scale, "trim_scope": "per tensor"}
-    return {
-        "format": "potluck.encoder/1",
-        "kind": "fused",
-        "potluck_version": __version__,
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "method": settings.method,
-        "parameters": params,
-        "parent": {"base": base_name, "path": str(base.folder.resolve()), "sha256": base.sha256()},
-        "inputs": [input_record(m, w / total, norm) for m, w, norm in zip(inputs, weights, norms, strict=True)],
-        "command": command,
-    }
+    return new_meta("potluck.encoder/1", kind="fused", method=settings.method, parameters=params,
+                    parent={"base": base_name, "path": str(base.folder.resolve()), "sha256": base.sha256()},
+                    inputs=[input_record(m, w / total, norm) for m, w, norm in zip(inputs, weights, norms, strict=True)],
+                    command=command)
 
 
 def input_record(model: WeightFile, weight: float, norm: float) -> dict:
@@ -392,13 +372,3 @@ def write_encoder_config(base: Path, folder: Path) -> None:
     if bare is not None:
         config.architectures = [bare.__name__]
     config.save_pretrained(folder)
-
-
-def model_card(meta: dict) -> str:
-    rows = "\n".join(f"| `{i['path']}` | {i['weight']:.3f} | {i['task_vector_norm']:.4f} | `{i['sha256'][:12]}` |"
-                     for i in meta["inputs"])
-    return (f"---\nlibrary_name: transformers\ntags: [potluck, fused-encoder]\n---\n\n# Fused encoder\n\n"
-            f"The bodies of {len(meta['inputs'])} models fine-tuned from `{meta['parent']['base']}`, fused by "
-            f"**{meta['method']}** {json.dumps(meta['parameters'])} with Potluck {meta['potluck_version']}. "
-            "Heads are not fused: fine-tune this folder as a base (`potluck finetune --base THIS_FOLDER`).\n\n"
-            "| input | weight | ‖θ−θ_base‖/‖θ_base‖ | sha256 |\n|---|---|---|---|\n" + rows + "\n")

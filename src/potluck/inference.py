@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import json
 import logging
 import os
 import threading
@@ -44,7 +43,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from potluck.batching import inference_batches, pad, tokenize
+from potluck.batching import run_batches, tokenize
 from potluck.calibration import softmax
 from potluck.errors import NonFiniteOutput, UserError
 from potluck.fastbert import FastBert, FastTokenizer
@@ -56,24 +55,6 @@ PRECISIONS = INFERENCE_PRECISIONS
 BACKENDS = ("torch", "onnx")
 # Padded tokens per batch: bf16 matmuls on AMX want big batches; fp32 gains nothing past ~64 texts.
 MAX_TOKENS = {"fp32": 8192, "bf16": 16384, "int8": 8192}
-
-
-@torch.inference_mode()
-def batched_logits(model, ids: Sequence[Sequence[int]], *, pad_id: int, bf16: bool = False,
-                   device: torch.device | str = "cpu", batch_size: int = 64,
-                   max_tokens: int | None = 16384) -> np.ndarray:
-    """Logits (N, C) as float32 for token-id lists, in their original order.
-
-    `bf16` runs under autocast (the weights stay fp32, as during training). One autocast region spans
-    all batches, so each weight is cast to bf16 once per call, not once per batch.
-    """
-    was_training = model.training
-    model.eval()
-    device = torch.device(device)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):  # autocast is per thread: run here
-        out = run_batches(model, ids, pad_id=pad_id, device=device, batch_size=batch_size, max_tokens=max_tokens)
-    model.train(was_training)
-    return out
 
 
 @functools.cache
@@ -152,14 +133,14 @@ class Predictor:
     def from_folder(cls, path: str | os.PathLike, *, backend: str = "torch", **kwargs) -> Predictor:
         """Load a Hugging Face model folder (safetensors only); max_length from its potluck.json.
         backend 'onnx': its onnx/ export on ONNX Runtime (see `potluck export`)."""
-        from potluck.folder import check_tokenizer, read_config
+        from potluck.folder import check_tokenizer, max_length_of, read_config
 
         path = Path(path)
         check_tokenizer(path, read_config(path))  # a missing tokenizer is an error, never a default one
         if backend not in BACKENDS:
             raise UserError(f"unknown backend '{backend}'", hint=f"use one of {', '.join(BACKENDS)}")
         if kwargs.get("max_length") is None:
-            kwargs["max_length"] = folder_max_length(path)
+            kwargs["max_length"] = max_length_of(path)
         if backend == "onnx":
             from potluck.export import OnnxRunner
 
@@ -265,30 +246,6 @@ class Predictor:
                 "max_abs_dp": float(np.abs(got - ref).max()) if len(pick) else 0.0}
 
 
-def run_batches(model, ids: Sequence[Sequence[int]], *, pad_id: int, device: torch.device,
-                batch_size: int, max_tokens: int | None, pool: ThreadPoolExecutor | None = None) -> np.ndarray:
-    """Logits (N, C) float32 of an eval-mode model, batched by length, in the original order; the
-    batches on `pool`'s threads (None: in this thread). A FastBert runs each batch unpadded; a
-    transformers model gets it padded."""
-    classes = model.num_labels if hasattr(model, "classify") else model.config.num_labels
-    out = np.zeros((len(ids), classes), dtype=np.float32)
-    batches = list(inference_batches([len(row) for row in ids], batch_size, max_tokens))
-    run = functools.partial(_run_batch, model, ids, pad_id, device)
-    for batch, logits in zip(batches, pool.map(run, batches) if pool is not None else map(run, batches), strict=True):
-        out[batch] = logits
-    return out
-
-
-@torch.inference_mode()  # per thread: the workers enter it here
-def _run_batch(model, ids: Sequence[Sequence[int]], pad_id: int, device: torch.device,
-               batch: list[int]) -> np.ndarray:
-    rows = [ids[i] for i in batch]
-    if hasattr(model, "classify"):  # FastBert, or the ONNX Runtime runner
-        return np.asarray(model.classify(rows), dtype=np.float32)
-    input_ids, mask = pad(rows, pad_id)  # (B, T)
-    return model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits.float().cpu().numpy()
-
-
 def fast_copy(model, precision: str, predictor: Predictor | None = None):
     """The model that runs: itself for fp32, else a converted copy (the original stays fp32).
     int8 on fastbert is calibrated on texts made from `predictor`'s vocabulary (see potluck.quantize)."""
@@ -319,6 +276,14 @@ def quantize_dynamic_int8(model):
                                                       dtype=torch.qint8, inplace=False)
 
 
+def ranked(scores: np.ndarray, labels: Sequence[str], digits: int | None = 6) -> list[list[dict]]:
+    """Per row of `scores` (N, C): every label with its score, highest first (ties in label order) — the
+    answer shape of the CLI, the server and the commons' task serving (TEI's /predict)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    return [[{"label": labels[j], "score": round(float(row[j]), digits) if digits is not None else float(row[j])}
+             for j in np.argsort(-row, kind="stable")] for row in scores]
+
+
 def check_finite_output(logits: np.ndarray, folder: Path | None = None) -> np.ndarray:
     """`logits`, or NonFiniteOutput naming the first text whose scores are NaN or inf."""
     bad = ~np.isfinite(logits).all(axis=1)
@@ -338,11 +303,3 @@ def load_checked(folder: Path):
     from potluck.folder import load_pretrained
 
     return load_pretrained(AutoModelForSequenceClassification, folder)[0]
-
-
-def folder_max_length(folder: Path) -> int:
-    """The max_length a model folder was trained with (potluck.json), else 128."""
-    meta = folder / "potluck.json"
-    if meta.is_file():
-        return int(json.loads(meta.read_text()).get("settings", {}).get("max_length", 128))
-    return 128

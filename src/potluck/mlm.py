@@ -11,18 +11,19 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
-import shutil
 from dataclasses import asdict
-from datetime import UTC, datetime
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
+from potluck import distributed
 from potluck.errors import UserError
-from potluck.fileio import atomic_folder, atomic_write_json
-from potluck.finetune import _optimizer_from_tensors, _optimizer_to_tensors, check_same_settings
+from potluck.folder import load_pretrained, new_meta, write_folder
+from potluck.training import CheckpointFolder, load_optimizer, optimizer_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -92,51 +93,69 @@ def mlm_logits(model, inputs: torch.Tensor, labels: torch.Tensor) -> tuple[torch
     return model.cls(hidden[where]), labels[where]  # (M, V), (M,)
 
 
+class _MaskedLM(torch.nn.Module):
+    """`mlm_logits` as a module's forward, so DistributedDataParallel can wrap it."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, inputs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return mlm_logits(self.model, inputs, labels)
+
+
+def wrap_for_ddp(model, ctx: distributed.Context) -> torch.nn.Module:
+    """`mlm_logits` as a module, in DistributedDataParallel under torchrun."""
+    module = _MaskedLM(model)
+    return torch.nn.parallel.DistributedDataParallel(module) if ctx.enabled else module
+
+
+@torch.inference_mode()
+def held_out_metrics(model, blocks: np.ndarray, masker: Masker, *, seed: int, batch_size: int, device,
+                     bf16: bool) -> dict:
+    """Masked-token loss, perplexity and accuracy on held-out blocks, with the same masks every time."""
+    was_training = model.training
+    model.eval()
+    generator = torch.Generator().manual_seed(seed + 99_991)
+    loss_sum, correct, n = 0.0, 0, 0
+    for start in range(0, len(blocks), batch_size):
+        ids = torch.from_numpy(blocks[start:start + batch_size])  # (B, T)
+        inputs, labels = masker(ids, generator)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits, targets = mlm_logits(model, inputs.to(device), labels.to(device))  # (M, V), (M,)
+        loss_sum += torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum").item()
+        correct += int((logits.argmax(-1) == targets).sum())
+        n += len(targets)
+    model.train(was_training)
+    loss = loss_sum / max(n, 1)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "accuracy": correct / max(n, 1),
+            "masked_tokens": n}
+
+
 class PretrainCheckpoints:
-    """The latest checkpoint in `folder/step-NNNNNNN`: model and AdamW state in safetensors, the rest in
-    JSON. Written under a temporary name and renamed, so a kill leaves the previous one intact. Resume
-    refuses a checkpoint made with another corpus, base, tokenizer or settings (budgets may change)."""
+    """The latest checkpoint in `folder/step-NNNNNNN` (potluck.training.CheckpointFolder): model and AdamW
+    state in safetensors, the rest in JSON. Resume refuses a checkpoint made with another corpus, base,
+    tokenizer or settings (the budgets may change)."""
 
     def __init__(self, folder: str | os.PathLike, identity: dict):
-        self.folder = Path(folder)
-        self.identity = json.loads(json.dumps(identity))
-
-    def latest(self) -> Path | None:
-        done = sorted(p for p in self.folder.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
-        return done[-1] if done else None
+        self.folder = CheckpointFolder(folder, "step", identity)
 
     def save(self, model, optimizer, state: dict) -> None:
-        final = self.folder / f"step-{state['step']:07d}"
-        tmp = final.with_name(final.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        save_model(model, str(tmp / "model.safetensors"))  # handles the tied decoder / embedding weights
-        tensors, meta = _optimizer_to_tensors(optimizer)
-        save_file(tensors, tmp / "optimizer.safetensors")
-        atomic_write_json(tmp / "state.json", {**self.identity, **state, "optimizer": meta})
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-        for old in self.folder.glob("step-*"):
-            if old != final:
-                shutil.rmtree(old, ignore_errors=True)
-        logger.info("checkpoint written: %s", final)
+        tensors, meta = optimizer_tensors(optimizer)
+        files = {"model.safetensors": lambda path: save_model(model, str(path)),  # tied decoder / embeddings
+                 "optimizer.safetensors": tensors}
+        self.folder.write(state["step"], files, {**state, "optimizer": meta})
 
     def restore(self, model, optimizer) -> dict | None:
-        latest = self.latest()
+        latest, saved = self.folder.read(
+            {"corpus": "another corpus", "base": "another base", "tokenizer": "another tokenizer"},
+            hint="resume with the same inputs and options (only the budgets may change), or drop --resume")
         if latest is None:
-            logger.info("no checkpoint in %s: starting from the beginning", self.folder)
             return None
-        saved = json.loads((latest / "state.json").read_text())
-        for key, what in (("corpus", "another corpus"), ("base", "another base"), ("tokenizer", "another tokenizer")):
-            if saved.get(key) != self.identity[key]:
-                raise UserError(f"the checkpoint in {self.folder} was made with {what}",
-                                hint="resume with the same inputs, or drop --resume to start afresh")
-        check_same_settings(saved["settings"], self.identity["settings"], self.folder,
-                            hint="resume with the same options (only the budgets may change), or drop --resume")
         missing, unexpected = load_model(model, str(latest / "model.safetensors"), strict=False)
         if missing or unexpected:
             raise UserError(f"the checkpoint {latest} does not fit the model", hint="drop --resume to start afresh")
-        _optimizer_from_tensors(optimizer, load_file(latest / "optimizer.safetensors"), saved["optimizer"])
+        load_optimizer(optimizer, latest / "optimizer.safetensors", saved["optimizer"])
         logger.info("resumed from %s (step %d)", latest, saved["step"])
         return {k: saved[k] for k in ("step", "tokens", "seconds", "history", "evals")}
 
@@ -149,73 +168,61 @@ def save_encoder(model, tokenizer, out: str | os.PathLike, *, result, settings, 
     `kept` tensors (the base's pooler) are added to model.safetensors: BertForMaskedLM ignores them and
     BertForSequenceClassification picks them up, as with Google's BERT checkpoints.
     """
-    from potluck import __version__
-
     config = model.config
     final = result.evals[-1]
-    meta = {
-        "format": "potluck.encoder/1", "name": Path(out).name, "potluck_version": __version__,
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "base": base or "scratch", "tokenizer": str(tokenizer_source or base), "head": head_note,
-        "kept_from_base": sorted(kept or {}),
-        "size": None if base else settings.size,
-        "architecture": {"layers": config.num_hidden_layers, "hidden": config.hidden_size,
-                         "heads": config.num_attention_heads, "vocab": config.vocab_size,
-                         "parameters": model.num_parameters()},
-        "corpus": {"fingerprint": corpus.fingerprint(), "documents": len(corpus),
-                   "characters": corpus.n_characters(), "files": len(corpus.files), "blocks": blocks,
-                   "block_size": settings.block_size},
-        "training": {"steps": result.steps, "encoder_steps": result.encoder_steps,
-                     "head_only_steps": result.head_only_steps, "tokens": result.tokens,
-                     "seconds": round(result.seconds, 1),
-                     "tokens_per_s": round(result.tokens_per_s, 1), "stopped_by": result.stopped_by,
-                     "precision": "bf16" if result.bf16 else "fp32"},
-        "metrics": {"held_out": final, "held_out_start": result.evals[0]},
-        "settings": asdict(settings),
-        "command": command,
-    }
-    with atomic_folder(out, overwrite=overwrite) as tmp:
+    meta = new_meta(
+        "potluck.encoder/1", name=Path(out).name, base=base or "scratch",
+        tokenizer=str(tokenizer_source or base), head=head_note, kept_from_base=sorted(kept or {}),
+        size=None if base else settings.size,
+        architecture={"layers": config.num_hidden_layers, "hidden": config.hidden_size,
+                      "heads": config.num_attention_heads, "vocab": config.vocab_size,
+                      "parameters": model.num_parameters()},
+        corpus={"fingerprint": corpus.fingerprint(), "documents": len(corpus), "characters": corpus.n_characters(),
+                "files": len(corpus.files), "blocks": blocks, "block_size": settings.block_size},
+        training={"steps": result.steps, "encoder_steps": result.encoder_steps,
+                  "head_only_steps": result.head_only_steps, "tokens": result.tokens,
+                  "seconds": round(result.seconds, 1), "tokens_per_s": round(result.tokens_per_s, 1),
+                  "stopped_by": result.stopped_by, "precision": "bf16" if result.bf16 else "fp32"},
+        metrics={"held_out": final, "held_out_start": result.evals[0]},
+        settings=asdict(settings), command=command)
+
+    def fill(tmp: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
         if kept:
             weights = load_file(tmp / "model.safetensors")
             save_file({**weights, **{k: v.contiguous() for k, v in kept.items()}}, tmp / "model.safetensors",
                       metadata={"format": "pt"})
         tokenizer.save_pretrained(tmp)
-        atomic_write_json(tmp / "potluck.json", meta)
-        (tmp / "README.md").write_text(model_card(meta), encoding="utf-8")
-        (tmp / "training_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in result.history + result.evals))
+
+    write_folder(out, meta, fill, overwrite=overwrite, log=result.history + result.evals)
     logger.info("saved %s", out)
     return Path(out)
 
 
-def model_card(meta: dict) -> str:
-    """README.md for a pre-trained encoder, from its potluck.json."""
-    a, c, t = meta["architecture"], meta["corpus"], meta["training"]
-    end, start = meta["metrics"]["held_out"], meta["metrics"]["held_out_start"]
-    origin = (f"pre-trained from scratch (size `{meta['size']}`)" if meta["base"] == "scratch"
-              else f"continued from `{meta['base']}`")
-    return "\n".join([
-        "---", "library_name: transformers", "pipeline_tag: fill-mask", "tags: [potluck, fill-mask, bert]", "---", "",
-        f"# {meta.get('name') or 'Potluck encoder'}", "",
-        f"A BERT encoder {origin} by masked-language modelling with Potluck {meta['potluck_version']}. "
-        f"{a['layers']} layers, hidden size {a['hidden']}, {a['heads']} heads, vocabulary {a['vocab']}, "
-        f"{a['parameters'] / 1e6:.1f}M parameters. Head: {meta['head']}.", "",
-        "## Corpus", "",
-        f"- {c['documents']} documents from {c['files']} file(s), {c['characters']} characters, "
-        f"fingerprint `{c['fingerprint'][:16]}`",
-        f"- {c['blocks']['train']} training blocks of {c['block_size']} tokens; "
-        f"{c['blocks']['valid']} held-out blocks from documents never trained on", "",
-        "## Training", "",
-        f"- {t['steps']} steps, {t['tokens']} tokens, {t['seconds']:.0f} s ({t['tokens_per_s']:.0f} tokens/s, "
-        f"{t['precision']}); stopped by {t['stopped_by']}", "",
-        "| held-out | loss | perplexity | masked-token accuracy |", "|---|---|---|---|",
-        f"| at the start | {start['loss']:.4f} | {start['perplexity']:.1f} | {start['accuracy']:.4f} |",
-        f"| final (step {end['step']}) | {end['loss']:.4f} | {end['perplexity']:.1f} | {end['accuracy']:.4f} |", "",
-        "## How it was made", "", "```", meta.get("command") or "potluck.pretrain.pretrain(...) from Python", "```", "",
-        "Settings: " + ", ".join(f"{k}={v}" for k, v in meta["settings"].items()), "",
-        "## Use", "", "```",
-        'potluck fill THIS_FOLDER "The payment was [MASK] twice."',
-        "potluck finetune --base THIS_FOLDER --data train.csv --out models/x", "```", "",
-        'or with transformers: `pipeline("fill-mask", model=THIS_FOLDER)`. '
-        "Fine-tuning drops the masked-LM head and adds a classification head.", "",
-    ])
+def fill_mask(folder: str | os.PathLike, texts: str | list[str], top_k: int = 5) -> list:
+    """Top-k fillers of each [MASK]: one text in, a list (one per mask) of [{token, score, sequence}] out."""
+    from transformers import AutoModelForMaskedLM, AutoTokenizer, pipeline
+
+    path = Path(folder)
+    if not (path / "config.json").is_file():
+        raise UserError(f"{path} is not a model folder (no config.json)", hint="pass the --out folder of `potluck pretrain`")
+    if not 1 <= top_k <= 100:
+        raise UserError(f"top_k {top_k} is out of range", hint="use 1 to 100")
+    model, info = load_pretrained(AutoModelForMaskedLM, path, may_lack=(".predictions.", "lm_head", "cls."),
+                                  may_add=("pooler.", "classifier."))
+    if any(".predictions." in key or "lm_head" in key for key in info["missing_keys"]):
+        raise UserError(f"{path} has no masked-LM head (an encoder without one, or a classifier)",
+                        hint=f"give it one with `potluck pretrain --from {path} ...`")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    single = isinstance(texts, str)
+    for text in [texts] if single else texts:
+        if tokenizer.mask_token not in text:
+            raise UserError(f"no {tokenizer.mask_token} in {text!r}", hint=f"put {tokenizer.mask_token} where a word is missing")
+    fill = pipeline("fill-mask", model=model, tokenizer=tokenizer, top_k=top_k)
+    answers = []
+    for text in [texts] if single else texts:
+        found = fill(text)
+        per_mask = found if found and isinstance(found[0], list) else [found]
+        answers.append([[{"token": r["token_str"].strip(), "score": float(r["score"]), "sequence": r["sequence"]}
+                         for r in mask] for mask in per_mask])
+    return answers[0] if single else answers

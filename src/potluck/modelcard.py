@@ -1,9 +1,26 @@
-"""The model card: README.md in a model folder, written from potluck.json so they never disagree."""
+"""The model card: README.md in a model folder, written from potluck.json so they never disagree.
+One module renders every kind: a classifier (fine-tuned, or a head on a frozen encoder), a pre-trained
+encoder, a fused encoder."""
 
 from __future__ import annotations
 
+import json
+
+FROZEN_NOTE = ("\n## Head\n\nThe encoder was not fine-tuned: the head is a logistic regression on its pooler "
+               "output, written into the `classifier` layer (temperature folded in).\n")
+
 
 def render(meta: dict) -> str:
+    """README.md for the folder potluck.json `meta` describes."""
+    if meta.get("format") == "potluck.classifier/1":
+        frozen = (meta.get("head") or {}).get("encoder") == "frozen"
+        return classifier_card(meta) + (FROZEN_NOTE if frozen else "")
+    if meta.get("kind") == "fused":
+        return fused_card(meta)
+    return encoder_card(meta)
+
+
+def classifier_card(meta: dict) -> str:
     """Markdown for a fine-tuned classifier, with the Hugging Face metadata header."""
     labels = meta["classes"]
     data = meta.get("data", {})
@@ -59,3 +76,47 @@ def render(meta: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def encoder_card(meta: dict) -> str:
+    """README.md for a pre-trained encoder, from its potluck.json."""
+    a, c, t = meta["architecture"], meta["corpus"], meta["training"]
+    end, start = meta["metrics"]["held_out"], meta["metrics"]["held_out_start"]
+    origin = (f"pre-trained from scratch (size `{meta['size']}`)" if meta["base"] == "scratch"
+              else f"continued from `{meta['base']}`")
+    return "\n".join([
+        "---", "library_name: transformers", "pipeline_tag: fill-mask", "tags: [potluck, fill-mask, bert]", "---", "",
+        f"# {meta.get('name') or 'Potluck encoder'}", "",
+        f"A BERT encoder {origin} by masked-language modelling with Potluck {meta['potluck_version']}. "
+        f"{a['layers']} layers, hidden size {a['hidden']}, {a['heads']} heads, vocabulary {a['vocab']}, "
+        f"{a['parameters'] / 1e6:.1f}M parameters. Head: {meta['head']}.", "",
+        "## Corpus", "",
+        f"- {c['documents']} documents from {c['files']} file(s), {c['characters']} characters, "
+        f"fingerprint `{c['fingerprint'][:16]}`",
+        f"- {c['blocks']['train']} training blocks of {c['block_size']} tokens; "
+        f"{c['blocks']['valid']} held-out blocks from documents never trained on", "",
+        "## Training", "",
+        f"- {t['steps']} steps, {t['tokens']} tokens, {t['seconds']:.0f} s ({t['tokens_per_s']:.0f} tokens/s, "
+        f"{t['precision']}); stopped by {t['stopped_by']}", "",
+        "| held-out | loss | perplexity | masked-token accuracy |", "|---|---|---|---|",
+        f"| at the start | {start['loss']:.4f} | {start['perplexity']:.1f} | {start['accuracy']:.4f} |",
+        f"| final (step {end['step']}) | {end['loss']:.4f} | {end['perplexity']:.1f} | {end['accuracy']:.4f} |", "",
+        "## How it was made", "", "```", meta.get("command") or "potluck.pretrain.pretrain(...) from Python", "```", "",
+        "Settings: " + ", ".join(f"{k}={v}" for k, v in meta["settings"].items()), "",
+        "## Use", "", "```",
+        'potluck fill THIS_FOLDER "The payment was [MASK] twice."',
+        "potluck finetune --base THIS_FOLDER --data train.csv --out models/x", "```", "",
+        'or with transformers: `pipeline("fill-mask", model=THIS_FOLDER)`. '
+        "Fine-tuning drops the masked-LM head and adds a classification head.", "",
+    ])
+
+
+def fused_card(meta: dict) -> str:
+    """README.md for a fused encoder: its parent base, method and inputs."""
+    rows = "\n".join(f"| `{i['path']}` | {i['weight']:.3f} | {i['task_vector_norm']:.4f} | `{i['sha256'][:12]}` |"
+                     for i in meta["inputs"])
+    return (f"---\nlibrary_name: transformers\ntags: [potluck, fused-encoder]\n---\n\n# Fused encoder\n\n"
+            f"The bodies of {len(meta['inputs'])} models fine-tuned from `{meta['parent']['base']}`, fused by "
+            f"**{meta['method']}** {json.dumps(meta['parameters'])} with Potluck {meta['potluck_version']}. "
+            "Heads are not fused: fine-tune this folder as a base (`potluck finetune --base THIS_FOLDER`).\n\n"
+            "| input | weight | ‖θ−θ_base‖/‖θ_base‖ | sha256 |\n|---|---|---|---|\n" + rows + "\n")

@@ -17,25 +17,24 @@ exactly. The output is a Hugging Face folder that `pipeline("fill-mask")` and `p
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
 
 from potluck import distributed
-from potluck.errors import UserError
+from potluck.errors import UserError, require
 from potluck.fileio import check_output
-from potluck.finetune import make_optimizer, resolve_device
 from potluck.folder import load_pretrained
 from potluck.hardware import plan_precision
-from potluck.mlm import Masker, PretrainCheckpoints, mlm_logits
+from potluck.mlm import Masker, PretrainCheckpoints, held_out_metrics, wrap_for_ddp
+from potluck.training import make_optimizer, resolve_device, warmup_decay
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +76,7 @@ class PretrainSettings:
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping"})
 
     def __post_init__(self):
-        checks = [
+        require(
             (self.size in SIZES, f"size must be one of {', '.join(SIZES)}"),
             (8 <= self.block_size <= 512, "block_size must be between 8 and 512"),
             (self.batch_size >= 1 and self.grad_accumulation >= 1, "batch_size and grad_accumulation must be at least 1"),
@@ -92,10 +91,7 @@ class PretrainSettings:
             (self.new_head_steps >= 0, "new_head_steps must not be negative"),
             (self.precision in ("auto", "fp32", "bf16"), "precision must be 'auto', 'fp32' or 'bf16'"),
             (self.device in ("cpu", "cuda", "auto"), "device must be 'cpu', 'cuda' or 'auto'"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise UserError(message)
+        )
 
     def peak_lr(self, continued: bool) -> float:
         return self.learning_rate or AUTO_LR["continued" if continued else "scratch"]
@@ -179,15 +175,73 @@ def tokenize_corpus(tokenizer, documents: list[str]) -> list[list[int]]:
                      return_token_type_ids=False, verbose=False)["input_ids"]
 
 
+@dataclass
+class _Run:
+    """What one pre-training run holds between its steps (built by `_build`)."""
+
+    model: torch.nn.Module
+    ctx: distributed.Context
+    device: torch.device
+    bf16: bool
+    optimizer: torch.optim.Optimizer
+    checkpoints: PretrainCheckpoints | None  # rank 0's; None on the other ranks
+    state: dict  # step, tokens, seconds, history, evals
+    plan: dict  # total steps (a time budget lowers it), warm-up steps, head-only steps
+    limit: int  # the steps of the epochs or --max-steps, before any time budget
+    steps_per_epoch: int
+    per_step: int  # blocks per optimiser step, over all ranks
+    learning_rate: float
+    began: float = field(default_factory=time.perf_counter)
+    train_seconds: float = 0.0
+    run_steps: int = 0  # steps done by this process (a resumed run counts from 0)
+    orders: dict = field(default_factory=dict)  # epoch -> the order of the blocks
+    forward: torch.nn.Module | None = None  # the (DDP-)wrapped model, rebuilt when the trainable set changes
+    wrapped_for: bool | None = None
+
+    def elapsed(self) -> float:
+        return self.state["seconds"] + time.perf_counter() - self.began
+
+    def tokens_per_s(self, block_size: int) -> float:
+        return self.run_steps * self.per_step * block_size / self.train_seconds if self.train_seconds else 0.0
+
+
 def run(model, train_blocks: np.ndarray, valid_blocks: np.ndarray, masker: Masker, settings: PretrainSettings,
         *, learning_rate: float, checkpoints: PretrainCheckpoints | None = None, resume: bool = False,
         on_step: Callable[[dict], None] | None = None, head_steps: int = 0) -> PretrainResult:
     """Pre-train `model` in place on (N, T) blocks; returns what happened, with held-out metrics.
 
+    build -> evaluate the start -> steps until the plan runs out or the time budget is spent (each
+    step: train, record, maybe re-plan, evaluate, checkpoint) -> a last evaluation and checkpoint.
     The first `head_steps` steps train only the MLM head (a new one), at 10x the peak learning rate and
     with the encoder frozen, so gradients through a random head do not disturb what the encoder knows
     (linear probing before fine-tuning, Kumar et al. 2022); warm-up and decay follow from there.
     """
+    r = _build(model, len(train_blocks), settings, learning_rate, checkpoints, resume, head_steps)
+    on_step = on_step if r.ctx.is_main else None
+    evaluate = functools.partial(_evaluate, r, valid_blocks[:settings.valid_blocks], masker, settings, on_step)
+    if not r.state["evals"]:
+        evaluate()  # the starting point, so the card can say how far the loss fell
+    model.train()
+    stopped_by = None
+    while r.state["step"] < r.plan["total"]:
+        if settings.max_time and distributed.agree(r.ctx, r.elapsed() >= settings.max_time):  # rank 0's clock
+            stopped_by = "max_time"
+            break
+        _step(r, train_blocks, masker, settings, on_step)
+        if settings.eval_every and r.state["step"] % settings.eval_every == 0:
+            evaluate()
+            model.train()
+        if r.checkpoints and settings.checkpoint_every and r.state["step"] % settings.checkpoint_every == 0:
+            r.checkpoints.save(model, r.optimizer, {**r.state, "seconds": r.elapsed()})
+    if stopped_by is None:  # the step plan ran out: the time budget (it set the plan), --max-steps, or the epochs
+        stopped_by = ("max_time" if r.plan["total"] < r.limit else
+                      "max_steps" if settings.max_steps and r.state["step"] >= settings.max_steps else "epochs")
+    return _finish(r, stopped_by, evaluate, train_blocks.shape[1])
+
+
+def _build(model, n_blocks: int, settings: PretrainSettings, learning_rate: float,
+           checkpoints: PretrainCheckpoints | None, resume: bool, head_steps: int) -> _Run:
+    """Device, precision, optimiser, the step plan; the state to start from (a checkpoint's with resume)."""
     ctx = distributed.context()
     device = distributed.device_for(ctx, resolve_device(settings.device))
     distributed.init(ctx, device)
@@ -195,118 +249,90 @@ def run(model, train_blocks: np.ndarray, valid_blocks: np.ndarray, masker: Maske
         raise UserError(f"--batch-size {settings.batch_size} is smaller than the {ctx.world_size} processes",
                         hint="each process needs at least one block per batch: raise --batch-size")
     model.to(device)
-    on_step = on_step if ctx.is_main else None
-    bf16 = plan_precision(settings.precision, device, purpose="training").bf16
     per_step = settings.batch_size * settings.grad_accumulation  # the effective (global) batch, in blocks
-    steps_per_epoch = max(1, len(train_blocks) // per_step)
+    steps_per_epoch = max(1, n_blocks // per_step)
     limit = steps_per_epoch * settings.epochs
     limit = min(limit, settings.max_steps) if settings.max_steps else limit
-    optimizer = make_optimizer(model, SimpleNamespace(learning_rate=learning_rate,
-                                                      weight_decay=settings.weight_decay))
+    optimizer = make_optimizer(model, learning_rate=learning_rate, weight_decay=settings.weight_decay)
     state = {"step": 0, "tokens": 0, "seconds": 0.0, "history": [], "evals": []}
     if checkpoints and resume:
         state = checkpoints.restore(model, optimizer) or state  # every rank resumes from the same files
-    checkpoints = checkpoints if ctx.is_main else None  # rank 0 writes them
-    valid_blocks = valid_blocks[:settings.valid_blocks]
+    return _Run(model=model, ctx=ctx, device=device, bf16=plan_precision(settings.precision, device,
+                                                                        purpose="training").bf16,
+                optimizer=optimizer, checkpoints=checkpoints if ctx.is_main else None, state=state,
+                plan={"total": limit, "warmup": _warmup(settings, limit, head_steps), "head": head_steps},
+                limit=limit, steps_per_epoch=steps_per_epoch, per_step=per_step, learning_rate=learning_rate)
 
-    def evaluate() -> None:
-        if not ctx.is_main:  # only rank 0 reports; the others wait for it at the next all-reduce
-            return
-        metrics = {"step": state["step"], **held_out_metrics(model, valid_blocks, masker, settings, device, bf16)}
-        state["evals"].append(metrics)
-        logger.info("step %d: held-out loss %.4f, perplexity %.1f, accuracy %.3f", metrics["step"],
-                    metrics["loss"], metrics["perplexity"], metrics["accuracy"])
-        if on_step:
-            on_step({"eval": True, **metrics})
 
-    if not state["evals"]:
-        evaluate()  # the starting point, so the card can say how far the loss fell
-    plan = {"total": limit, "warmup": max(1, round(settings.warmup_ratio * max(limit - head_steps, 1))),
-            "head": head_steps}
-    began, train_seconds, run_steps, stopped_by = time.perf_counter(), 0.0, 0, "epochs"
-    elapsed = lambda: state["seconds"] + time.perf_counter() - began  # noqa: E731
-    orders: dict[int, np.ndarray] = {}
-    forward, wrapped_for = None, None  # the (DDP-)wrapped model and the phase it was built in
-    model.train()
-    while state["step"] < plan["total"]:
-        if settings.max_time and distributed.agree(ctx, elapsed() >= settings.max_time):  # rank 0's clock
-            stopped_by = "max_time"
-            break
-        started = time.perf_counter()
-        step = state["step"]
-        epoch, within = divmod(step, steps_per_epoch)
-        encoder_trains = step >= head_steps
-        model.bert.requires_grad_(encoder_trains)  # (B, T) blocks flow through a frozen encoder at first
-        if forward is None or wrapped_for != encoder_trains:  # DDP registers trainable parameters when built
-            forward, wrapped_for = _wrap(model, ctx), encoder_trains
-        if epoch not in orders:
-            orders = {epoch: np.random.default_rng([settings.seed, epoch]).permutation(len(train_blocks))}
-        loss, lr = _train_step(forward, model, optimizer, train_blocks, orders[epoch], step,
-                               within, masker, settings, learning_rate * _lr_factor(step, plan), device, bf16, ctx)
-        if not math.isfinite(loss):
-            raise UserError(f"the training loss became {loss} at step {step + 1}: training diverged",
-                            hint="lower --learning-rate or raise --warmup-ratio (the last checkpoint is intact)")
-        state["step"] += 1
-        state["tokens"] += per_step * train_blocks.shape[1]
-        train_seconds += time.perf_counter() - started
-        run_steps += 1
-        row = {"step": state["step"], "epoch": epoch + 1, "loss": loss, "lr": lr}
-        state["history"].append(row)
-        if settings.max_time and run_steps >= 3 and run_steps % 5 == 0:
-            left = settings.max_time - elapsed()
-            total = min(limit, state["step"] + max(1, int(left / (train_seconds / run_steps))))
-            plan["total"] = int(distributed.agree(ctx, total))  # every rank plans rank 0's number of steps
-            plan["warmup"] = max(1, round(settings.warmup_ratio * max(plan["total"] - head_steps, 1)))
-        if on_step:
-            on_step({**row, "total_steps": plan["total"], "elapsed": elapsed(),
-                     "tokens_per_s": run_steps * per_step * train_blocks.shape[1] / max(train_seconds, 1e-9)})
-        if settings.eval_every and state["step"] % settings.eval_every == 0:
-            evaluate()
-            model.train()
-        if checkpoints and settings.checkpoint_every and state["step"] % settings.checkpoint_every == 0:
-            checkpoints.save(model, optimizer, {**state, "seconds": elapsed()})
-    else:  # the step plan ran out: the time budget (it set the plan), --max-steps, or the epochs
-        stopped_by = ("max_time" if plan["total"] < limit else
-                      "max_steps" if settings.max_steps and state["step"] >= settings.max_steps else "epochs")
-    model.bert.requires_grad_(True)
-    if ctx.is_main and state["evals"][-1]["step"] != state["step"]:
+def _warmup(settings: PretrainSettings, total: int, head_steps: int) -> int:
+    return max(1, round(settings.warmup_ratio * max(total - head_steps, 1)))
+
+
+def _step(r: _Run, blocks: np.ndarray, masker: Masker, settings: PretrainSettings, on_step) -> None:
+    """One optimiser step and its record; under a time budget, the plan re-made from the speed so far."""
+    started = time.perf_counter()
+    step = r.state["step"]
+    epoch, within = divmod(step, r.steps_per_epoch)
+    encoder_trains = step >= r.plan["head"]
+    r.model.bert.requires_grad_(encoder_trains)  # (B, T) blocks flow through a frozen encoder at first
+    if r.forward is None or r.wrapped_for != encoder_trains:  # DDP registers trainable parameters when built
+        r.forward, r.wrapped_for = wrap_for_ddp(r.model, r.ctx), encoder_trains
+    if epoch not in r.orders:
+        r.orders = {epoch: np.random.default_rng([settings.seed, epoch]).permutation(len(blocks))}
+    loss, lr = _train_step(r.forward, r.model, r.optimizer, blocks, r.orders[epoch], step, within, masker,
+                           settings, r.learning_rate * _lr_factor(step, r.plan), r.device, r.bf16, r.ctx)
+    if not math.isfinite(loss):
+        raise UserError(f"the training loss became {loss} at step {step + 1}: training diverged",
+                        hint="lower --learning-rate or raise --warmup-ratio (the last checkpoint is intact)")
+    r.state["step"] += 1
+    r.state["tokens"] += r.per_step * blocks.shape[1]
+    r.train_seconds += time.perf_counter() - started
+    r.run_steps += 1
+    row = {"step": r.state["step"], "epoch": epoch + 1, "loss": loss, "lr": lr}
+    r.state["history"].append(row)
+    if settings.max_time and r.run_steps >= 3 and r.run_steps % 5 == 0:
+        left = settings.max_time - r.elapsed()
+        total = min(r.limit, r.state["step"] + max(1, int(left / (r.train_seconds / r.run_steps))))
+        r.plan["total"] = int(distributed.agree(r.ctx, total))  # every rank plans rank 0's number of steps
+        r.plan["warmup"] = _warmup(settings, r.plan["total"], r.plan["head"])
+    if on_step:
+        on_step({**row, "total_steps": r.plan["total"], "elapsed": r.elapsed(),
+                 "tokens_per_s": r.tokens_per_s(blocks.shape[1])})
+
+
+def _evaluate(r: _Run, valid_blocks: np.ndarray, masker: Masker, settings: PretrainSettings, on_step) -> None:
+    """Held-out metrics at this step (rank 0 only; the others wait for it at the next all-reduce)."""
+    if not r.ctx.is_main:
+        return
+    metrics = {"step": r.state["step"], **held_out_metrics(r.model, valid_blocks, masker, seed=settings.seed, batch_size=settings.batch_size,
+                                                        device=r.device, bf16=r.bf16)}
+    r.state["evals"].append(metrics)
+    logger.info("step %d: held-out loss %.4f, perplexity %.1f, accuracy %.3f", metrics["step"],
+                metrics["loss"], metrics["perplexity"], metrics["accuracy"])
+    if on_step:
+        on_step({"eval": True, **metrics})
+
+
+def _finish(r: _Run, stopped_by: str, evaluate, block_size: int) -> PretrainResult:
+    """A last evaluation and checkpoint; the model leaves in eval mode with every weight trainable."""
+    r.model.bert.requires_grad_(True)
+    if r.ctx.is_main and r.state["evals"][-1]["step"] != r.state["step"]:
         evaluate()
-    state["seconds"] = elapsed()
-    if checkpoints:
-        checkpoints.save(model, optimizer, state)
-    model.eval()
-    tokens_per_s = run_steps * per_step * train_blocks.shape[1] / train_seconds if train_seconds else 0.0
-    return PretrainResult(steps=state["step"], tokens=state["tokens"], seconds=state["seconds"],
-                          tokens_per_s=tokens_per_s, stopped_by=stopped_by, bf16=bf16,
-                          evals=state["evals"], history=state["history"],
-                          head_only_steps=min(state["step"], head_steps))
+    r.state["seconds"] = r.elapsed()
+    if r.checkpoints:
+        r.checkpoints.save(r.model, r.optimizer, r.state)
+    r.model.eval()
+    return PretrainResult(steps=r.state["step"], tokens=r.state["tokens"], seconds=r.state["seconds"],
+                          tokens_per_s=r.tokens_per_s(block_size), stopped_by=stopped_by, bf16=r.bf16,
+                          evals=r.state["evals"], history=r.state["history"],
+                          head_only_steps=min(r.state["step"], r.plan["head"]))
 
 
 def _lr_factor(step: int, plan: dict) -> float:
-    """10x during the head-only steps; then linear warm-up to the peak and linear decay to zero at
-    plan['total'] (the formula of finetune.linear_schedule, counted from the end of the head-only steps)."""
+    """10x during the head-only steps; then potluck.training.warmup_decay, counted from their end."""
     if step < plan["head"]:
         return 10.0
-    step, total, warmup = step - plan["head"], plan["total"] - plan["head"], plan["warmup"]
-    if step < warmup:
-        return (step + 1) / (warmup + 1)
-    return max(0.0, (total - step) / max(1, total - warmup))
-
-
-class _MaskedLM(torch.nn.Module):
-    """`mlm_logits` as a module's forward, so DistributedDataParallel can wrap it."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, inputs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return mlm_logits(self.model, inputs, labels)
-
-
-def _wrap(model, ctx: distributed.Context) -> torch.nn.Module:
-    module = _MaskedLM(model)
-    return torch.nn.parallel.DistributedDataParallel(module) if ctx.enabled else module
+    return warmup_decay(step - plan["head"], plan["warmup"], plan["total"] - plan["head"])
 
 
 def _train_step(forward, model, optimizer, blocks: np.ndarray, order: np.ndarray, step: int, within: int,
@@ -344,28 +370,6 @@ def _train_step(forward, model, optimizer, blocks: np.ndarray, order: np.ndarray
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return float(total), lr
-
-
-@torch.inference_mode()
-def held_out_metrics(model, blocks: np.ndarray, masker: Masker, settings: PretrainSettings,
-                     device, bf16: bool) -> dict:
-    """Masked-token loss, perplexity and accuracy on held-out blocks, with the same masks every time."""
-    was_training = model.training
-    model.eval()
-    generator = torch.Generator().manual_seed(settings.seed + 99_991)
-    loss_sum, correct, n = 0.0, 0, 0
-    for start in range(0, len(blocks), settings.batch_size):
-        ids = torch.from_numpy(blocks[start:start + settings.batch_size])  # (B, T)
-        inputs, labels = masker(ids, generator)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            logits, targets = mlm_logits(model, inputs.to(device), labels.to(device))  # (M, V), (M,)
-        loss_sum += torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum").item()
-        correct += int((logits.argmax(-1) == targets).sum())
-        n += len(targets)
-    model.train(was_training)
-    loss = loss_sum / max(n, 1)
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "accuracy": correct / max(n, 1),
-            "masked_tokens": n}
 
 
 def pretrain(corpus, out: str | os.PathLike, *, settings: PretrainSettings | None = None,
@@ -424,32 +428,3 @@ def check_source(tokenizer, base) -> None:
     if (tokenizer is None) == (base is None):
         raise UserError("give a tokenizer to pre-train from scratch, or a base to continue from (not both)",
                         hint="e.g. --tokenizer tok/ (made by `potluck tokenizer`), or --from minilm")
-
-
-def fill_mask(folder: str | os.PathLike, texts: str | list[str], top_k: int = 5) -> list:
-    """Top-k fillers of each [MASK]: one text in, a list (one per mask) of [{token, score, sequence}] out."""
-    from transformers import AutoModelForMaskedLM, AutoTokenizer, pipeline
-
-    path = Path(folder)
-    if not (path / "config.json").is_file():
-        raise UserError(f"{path} is not a model folder (no config.json)", hint="pass the --out folder of `potluck pretrain`")
-    if not 1 <= top_k <= 100:
-        raise UserError(f"top_k {top_k} is out of range", hint="use 1 to 100")
-    model, info = load_pretrained(AutoModelForMaskedLM, path, may_lack=(".predictions.", "lm_head", "cls."),
-                                  may_add=("pooler.", "classifier."))
-    if any(".predictions." in key or "lm_head" in key for key in info["missing_keys"]):
-        raise UserError(f"{path} has no masked-LM head (an encoder without one, or a classifier)",
-                        hint=f"give it one with `potluck pretrain --from {path} ...`")
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    single = isinstance(texts, str)
-    for text in [texts] if single else texts:
-        if tokenizer.mask_token not in text:
-            raise UserError(f"no {tokenizer.mask_token} in {text!r}", hint=f"put {tokenizer.mask_token} where a word is missing")
-    fill = pipeline("fill-mask", model=model, tokenizer=tokenizer, top_k=top_k)
-    answers = []
-    for text in [texts] if single else texts:
-        found = fill(text)
-        per_mask = found if found and isinstance(found[0], list) else [found]
-        answers.append([[{"token": r["token_str"].strip(), "score": float(r["score"]), "sequence": r["sequence"]}
-                         for r in mask] for mask in per_mask])
-    return answers[0] if single else answers

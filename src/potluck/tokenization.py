@@ -18,11 +18,10 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterable, Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 
 from potluck.errors import UserError
-from potluck.fileio import atomic_folder, atomic_write_json
+from potluck.folder import new_meta, write_folder
 
 logger = logging.getLogger(__name__)
 
@@ -68,18 +67,12 @@ def train_tokenizer(texts: Sequence[str] | Iterable[str], vocab_size: int = 1600
 def save_tokenizer(tokenizer, folder: str | os.PathLike, *, corpus=None, vocab_size: int | None = None,
                    overwrite: bool = False) -> Path:
     """Write the tokenizer files and a potluck.json (corpus fingerprint, sizes) atomically."""
-    from potluck import __version__
-
-    with atomic_folder(folder, overwrite=overwrite) as tmp:
-        tokenizer.save_pretrained(tmp)
-        meta = {"format": "potluck.tokenizer/1", "potluck_version": __version__,
-                "created": datetime.now(UTC).isoformat(timespec="seconds"),
-                "vocab_size": len(tokenizer), "vocab_size_asked": vocab_size,
-                "lowercase": bool(getattr(tokenizer, "init_kwargs", {}).get("do_lower_case", True))}
-        if corpus is not None:
-            meta["corpus"] = {"fingerprint": corpus.fingerprint(), "documents": len(corpus),
-                              "characters": corpus.n_characters()}
-        atomic_write_json(tmp / "potluck.json", meta)
+    meta = new_meta("potluck.tokenizer/1", vocab_size=len(tokenizer), vocab_size_asked=vocab_size,
+                    lowercase=bool(getattr(tokenizer, "init_kwargs", {}).get("do_lower_case", True)))
+    if corpus is not None:
+        meta["corpus"] = {"fingerprint": corpus.fingerprint(), "documents": len(corpus),
+                          "characters": corpus.n_characters()}
+    write_folder(folder, meta, tokenizer.save_pretrained, overwrite=overwrite, card=False)
     logger.info("saved the tokenizer to %s", folder)
     return Path(folder)
 

@@ -15,27 +15,25 @@ import os
 from contextlib import asynccontextmanager
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request
+from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse, Response
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel, Field
 
 from potluck import __version__
 from potluck.commons import uploads
-from potluck.commons.auth import NAME_PATTERN, InvalidName, role_allows
-from potluck.commons.errors import CommonsError, Forbidden, NotFound, Unauthorized
-from potluck.commons.models import Contributor
-from potluck.commons.registry import view
+from potluck.commons.auth import NAME_PATTERN, InvalidName
+from potluck.commons.deps import Admin, CommonsDep, Member, Name, Reader, Sha
+from potluck.commons.errors import CommonsError, NotFound
+from potluck.commons.models import view
+from potluck.commons.rounds_api import round_routes  # fusion rounds and task serving
 from potluck.commons.service import Commons
 from potluck.commons.store import BlobCorrupted, BlobMissing
 
 logger = logging.getLogger(__name__)
 
-Name = Annotated[str, Path(pattern=NAME_PATTERN, description="2-63 characters of a-z, 0-9 and '-'")]
-Sha = Annotated[str | None, Query(pattern=r"^[0-9a-f]{64}$", description="sha256 of the body, checked on arrival")]
-bearer = HTTPBearer(auto_error=False, description="a token from `potluck commons init` or `invite`")
+
 
 
 # -- request bodies -------------------------------------------------------------------------------
@@ -62,35 +60,10 @@ class Failure(LeaseRef):
     error: str = Field(default="", max_length=4000)
 
 
-# -- who is asking --------------------------------------------------------------------------------
-
-def commons_of(request: Request) -> Commons:
-    return request.app.state.commons
-
-
-def caller(request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> Contributor:
-    if credentials is None:
-        raise Unauthorized("no token: pass --token or set POTLUCK_TOKEN (Authorization: Bearer <token>)")
-    return commons_of(request).registry.authenticate(credentials.credentials)
-
-
-def role(needed: str):
-    def check(who: Annotated[Contributor, Depends(caller)]) -> Contributor:
-        if not role_allows(who.role, needed):
-            raise Forbidden(f"{who.name} is a {who.role}; this needs a {needed}")
-        return who
-    return check
-
-
-Reader = Annotated[Contributor, Depends(role("reader"))]
-Member = Annotated[Contributor, Depends(role("contributor"))]
-Admin = Annotated[Contributor, Depends(role("admin"))]
-CommonsDep = Annotated[Commons, Depends(commons_of)]
-
-
 # -- routes ---------------------------------------------------------------------------------------
 
-def json_routes(max_body: int) -> APIRouter:
+def service_routes(max_body: int) -> APIRouter:
+    """Health, who you are, contributors (admin) and the status of everything."""
     r = APIRouter(prefix="/v1", max_body_size=max_body)
 
     @r.get("/health", tags=["service"])
@@ -112,6 +85,18 @@ def json_routes(max_body: int) -> APIRouter:
     @r.get("/contributors", tags=["contributors"])
     def contributors(who: Admin, c: CommonsDep) -> list[dict]:
         return [view(x) for x in c.registry.contributors()]
+
+    @r.get("/status", tags=["service"])
+    def status(who: Reader, c: CommonsDep) -> dict:
+        """Bases, tasks, recent contributions, jobs and the leaderboard."""
+        return c.registry.status()
+
+    return r
+
+
+def base_routes(max_body: int) -> APIRouter:
+    """The base versions: their records, tensor specs and files."""
+    r = APIRouter(prefix="/v1", max_body_size=max_body)
 
     @r.get("/bases", tags=["bases"])
     def bases(who: Reader, c: CommonsDep) -> list[dict]:
@@ -135,6 +120,13 @@ def json_routes(max_body: int) -> APIRouter:
         return FileResponse(c.store.verify(files[name]), media_type="application/octet-stream",
                             headers={"X-Content-SHA256": files[name]})
 
+    return r
+
+
+def task_routes(max_body: int) -> APIRouter:
+    """Tasks and the contributions made to them."""
+    r = APIRouter(prefix="/v1", max_body_size=max_body)
+
     @r.get("/tasks", tags=["tasks"])
     def tasks(who: Reader, c: CommonsDep) -> list[dict]:
         return c.registry.tasks()
@@ -152,6 +144,13 @@ def json_routes(max_body: int) -> APIRouter:
     def contributions(who: Reader, c: CommonsDep, task: str | None = None, kind: str | None = None,
                       status: str | None = None, limit: Annotated[int, Query(ge=1, le=10000)] = 1000) -> list[dict]:
         return c.registry.contributions(task=task, kind=kind, status=status, limit=limit)
+
+    return r
+
+
+def job_routes(max_body: int) -> APIRouter:
+    """Compute leases: lease a job, heartbeat, fetch its data, give it back."""
+    r = APIRouter(prefix="/v1", max_body_size=max_body)
 
     @r.get("/jobs", tags=["jobs"])
     def jobs(who: Reader, c: CommonsDep, status: str | None = None) -> list[dict]:
@@ -186,11 +185,6 @@ def json_routes(max_body: int) -> APIRouter:
         job = c.registry.release_job(job_id, body.lease_id, who, error=body.error or "the worker gave up",
                                      max_attempts=c.settings.max_attempts)
         return view(job)
-
-    @r.get("/status", tags=["service"])
-    def status(who: Reader, c: CommonsDep) -> dict:
-        """Bases, tasks, recent contributions, jobs and the leaderboard."""
-        return c.registry.status()
 
     return r
 
@@ -264,10 +258,9 @@ def create_app(commons: Commons) -> FastAPI:
     app = FastAPIOffline(title="Potluck commons", version=__version__, lifespan=lifespan,  # docs without a CDN
                   description="Organisations contribute datasets, compute and weights to a shared base encoder.")
     app.state.commons = commons
-    app.include_router(json_routes(commons.settings.max_json_kb << 10))
+    for routes in (service_routes, base_routes, task_routes, job_routes):
+        app.include_router(routes(commons.settings.max_json_kb << 10))
     app.include_router(upload_routes())
-    from potluck.commons.rounds_api import round_routes  # fusion rounds and task serving (issue 7)
-
     app.include_router(round_routes(commons.settings.max_json_kb << 10))
 
     @app.exception_handler(CommonsError)

@@ -234,7 +234,8 @@ def check_dataset(path: Path, *, task, eval_fraction: float, eval_only: bool, se
 
     Returns (train part or None for --eval-only, held-back evaluation part, details); Rejected otherwise.
     """
-    from potluck.data import DataError, check_training_data, read_data, stratified_split
+    from potluck.data import DataError, check_training_data, read_data
+    from potluck.splits import stratified_split
 
     if not 0.05 <= eval_fraction <= 0.5:
         raise Rejected(f"eval_fraction must be between 0.05 and 0.5, not {eval_fraction}")

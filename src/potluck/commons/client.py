@@ -22,7 +22,6 @@ from pathlib import Path
 import httpx
 
 from potluck.commons.formats import (
-    WEIGHTS_FILE,
     contribution_metadata,
     mark_pulled,
     model_provenance,
@@ -193,10 +192,11 @@ class CommonsClient:
     def push(self, model: str | os.PathLike, task: str, *, base_version: int | None = None,
              n_examples: int | None = None) -> dict:
         """Upload a fine-tuned model's encoder body and head (never its data) as a weights contribution."""
-        from safetensors.torch import load_file
+        from potluck.folder import load_tensors
 
         folder = Path(model)
         info = model_provenance(folder)
+        tensors = load_tensors(folder)  # safetensors that parse, every value finite: checked before any request
         declared = info["commons"] or {}
         version = base_version if base_version is not None else declared.get("base_version")
         if version is None:
@@ -214,7 +214,7 @@ class CommonsClient:
                                      n_examples=n_examples, metrics=info["metrics"], task=task)
         with tempfile.TemporaryDirectory(prefix="potluck-push-") as tmp:
             path = Path(tmp) / "contribution.safetensors"
-            write_contribution(load_file(folder / WEIGHTS_FILE), set(base["spec"]), meta, path)
+            write_contribution(tensors, set(base["spec"]), meta, path)
             self.ensure_task(task, info["labels"])  # only now: a push refused at home creates no task
             return self.upload(f"/v1/tasks/{task}/weights", path)
 

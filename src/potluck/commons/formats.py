@@ -192,14 +192,18 @@ def write_contribution(tensors: Mapping[str, Any], base_names: set[str], metadat
 
 def model_provenance(folder: Path) -> dict:
     """What a fine-tuned model folder says about itself: labels, base it came from, examples, metrics."""
-    config_path, meta_path = folder / "config.json", folder / "potluck.json"
-    if not config_path.is_file() or not (folder / WEIGHTS_FILE).is_file():
+    if not (folder / "config.json").is_file() or not (folder / WEIGHTS_FILE).is_file():
         raise UserError(f"{folder} is not a model folder (no config.json or model.safetensors)",
                         hint="pass the --out folder of `potluck finetune`")
-    config = json.loads(config_path.read_text())
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-    id2label = config.get("id2label") or {}
-    labels = [id2label[k] for k in sorted(id2label, key=int)]
+    from potluck.folder import RESAVE, read_config, read_meta
+
+    config = read_config(folder)
+    meta = read_meta(folder)
+    try:
+        id2label = config.get("id2label") or {}
+        labels = [id2label[k] for k in sorted(id2label, key=int)]
+    except (ValueError, TypeError, KeyError) as err:
+        raise UserError(f"{folder / 'config.json'}: id2label is malformed ({err})", hint=RESAVE) from None
     valid = (meta.get("metrics") or {}).get("valid") or {}
     return {"labels": labels, "commons": config.get(CONFIG_KEY),
             "n_examples": int((meta.get("data") or {}).get("n_train") or 0),

@@ -150,3 +150,15 @@ class Job(Base):
     finished: Mapped[datetime | None] = mapped_column()
 
     __table_args__ = (Index("ix_jobs_status", "status", "id"),)
+
+
+def view(record, **extra) -> dict[str, Any]:
+    """A record's columns as a JSON-ready dict (datetimes in ISO 8601), plus `extra`."""
+    out = {}
+    for column in record.__table__.columns:
+        if column.key in ("token_hash", "lease_id"):  # secrets and capabilities stay private
+            continue
+        value = getattr(record, column.key)
+        out[column.key] = value.isoformat(timespec="seconds") if isinstance(value, datetime) else value
+    out.update(extra)
+    return out

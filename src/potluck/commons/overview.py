@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from sqlalchemy import func, select
 
-from potluck.commons.models import Contribution, Job, Task
+from potluck.commons.models import Contribution, Job, Task, view
 
 
 def use_of(c: Contribution, bases: dict[int, str], current: int | None) -> str | None:
@@ -49,8 +49,6 @@ class OverviewMixin:
 
     def status(self, recent: int = 50) -> dict:
         """Bases, tasks, recent contributions and rejections, jobs and the leaderboard, for `potluck commons status`."""
-        from potluck.commons.registry import view  # the registry imports this module
-
         with self.transaction() as s:
             names = self._names(s)
             job_counts = dict(s.execute(select(Job.status, func.count(Job.id)).group_by(Job.status)).all())

@@ -17,7 +17,6 @@ import logging
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +38,7 @@ from potluck.commons.models import (
     Task,
     TaskHead,
     utcnow,
+    view,
 )
 from potluck.commons.overview import OverviewMixin, use_of
 
@@ -82,18 +82,6 @@ def make_engine(url: str):
 
         return engine
     return create_engine(url, pool_size=16, max_overflow=32, pool_pre_ping=True)
-
-
-def view(record, **extra) -> dict[str, Any]:
-    """A record's columns as a JSON-ready dict (datetimes in ISO 8601), plus `extra`."""
-    out = {}
-    for column in record.__table__.columns:
-        if column.key in ("token_hash", "lease_id"):  # secrets and capabilities stay private
-            continue
-        value = getattr(record, column.key)
-        out[column.key] = value.isoformat(timespec="seconds") if isinstance(value, datetime) else value
-    out.update(extra)
-    return out
 
 
 def check_labels(labels: Any) -> list[str]:

@@ -3,7 +3,7 @@
     potluck commons round URL --method median --min-contributions 3 --margin 0.02
 
 The fusion parameters are passed to `potluck.fusion.FusionSettings` and the gate's to
-`potluck.gate.GateSettings`, which check them (a bad value is a 400 with one line saying why).
+`potluck.commons.gate.GateSettings`, which check them (a bad value is a 400 with one line saying why).
 """
 
 from __future__ import annotations
@@ -31,12 +31,10 @@ class RoundSettings:
     seed: int = field(default=0, metadata={"help": "seed of the gate's regressions and samples"})
 
     def __post_init__(self):
-        from potluck.errors import UserError
+        from potluck.errors import require
 
-        if self.min_contributions < 1:
-            raise UserError(f"min_contributions must be at least 1, got {self.min_contributions}")
-        if self.max_examples < 16:
-            raise UserError(f"max_examples must be at least 16, got {self.max_examples}")
+        require((self.min_contributions >= 1, f"min_contributions must be at least 1, got {self.min_contributions}"),
+                (self.max_examples >= 16, f"max_examples must be at least 16, got {self.max_examples}"))
 
     def to_dict(self) -> dict:
         return asdict(self)

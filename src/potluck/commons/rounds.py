@@ -17,12 +17,12 @@ One round, synchronously (the frozen-encoder gate takes seconds on tiny encoders
    a rejected candidate (by the gate, or one it could not score, or a round that stopped) gives them back
    (`release`) for the next round, where a robust method can outvote a poisoner among them; the rejected
    candidate's lineage keeps who was in it;
-3. `potluck.gate.run_gate` scores current and candidate on every task with evaluation data: the held-back
+3. `potluck.commons.gate.run_gate` scores current and candidate on every task with evaluation data: the held-back
    parts of shared datasets, and `--eval-only` datasets (an eval-only task's head is trained on one half
    of it and scored on the other); promoted iff the mean macro-F1 is at least the current base's and no
    task falls by more than `margin`. The decision with every score goes into the candidate's lineage;
 4. after a promotion every task with training data gets a head refitted on the new base
-   (`potluck.gate.refit_task_model`, frozen encoder, temperature-calibrated on the held-back part), so the
+   (`potluck.commons.gate.refit_task_model`, frozen encoder, temperature-calibrated on the held-back part), so the
    commons serves all tasks from one encoder (`task_serving.py`).
 """
 
@@ -42,9 +42,11 @@ from potluck.commons.errors import Conflict
 from potluck.commons.formats import WEIGHTS_FILE, read_manifest, store_base_weights
 from potluck.commons.models import BaseVersion, Contribution, Contributor
 from potluck.commons.round_settings import RoundSettings
-from potluck.data import LabelledData, stratified_split
+from potluck.data import LabelledData
 from potluck.errors import UserError
 from potluck.fileio import atomic_folder
+from potluck.folder import read_meta
+from potluck.splits import stratified_split
 
 logger = logging.getLogger(__name__)
 
@@ -139,8 +141,8 @@ def concat(parts: list[LabelledData], task: str) -> LabelledData:
 
 def run_round(commons, actor: Contributor, settings: RoundSettings) -> dict:
     """One fusion round (see the module docstring); returns what happened, with every score."""
+    from potluck.commons.gate import GateSettings
     from potluck.fusion import FusionSettings
-    from potluck.gate import GateSettings
 
     fusion = FusionSettings(method=settings.method, weights=settings.weights, trim=settings.trim,
                             density=settings.density)
@@ -154,7 +156,7 @@ def run_round(commons, actor: Contributor, settings: RoundSettings) -> dict:
 
 
 def _round(commons, actor, settings: RoundSettings, fusion, gate) -> dict:
-    from potluck.gate import TaskData, run_gate
+    from potluck.commons.gate import TaskData, run_gate
 
     current = commons.registry.current_base()
     pending = available(commons, current.version)
@@ -288,7 +290,7 @@ def refit_heads(commons, version: int, examples: dict[str, TaskExamples], gate, 
 
     from safetensors.torch import load_file, save
 
-    from potluck.gate import refit_task_model
+    from potluck.commons.gate import refit_task_model
 
     folder, made = base_folder(commons, version), []
     settings = replace(gate, full_finetune_epochs=0)  # heads only: every task served from one encoder
@@ -302,7 +304,7 @@ def refit_heads(commons, version: int, examples: dict[str, TaskExamples], gate, 
         labels = [config["id2label"][k] for k in sorted(config["id2label"], key=int)]
         tensors = {k: v for k, v in load_file(out / WEIGHTS_FILE).items() if k.startswith("classifier.")}
         sha = commons.store.put_bytes(save(tensors, metadata={"format": "potluck.head/1", "labels": json.dumps(labels)}))
-        meta = json.loads((out / "potluck.json").read_text())
+        meta = read_meta(out)
         metrics = {k: v for k, v in meta["metrics"]["valid"].items() if isinstance(v, int | float)}
         head = commons.registry.add_task_head(task=commons.registry.task(name), base_version=version, blob_sha=sha,
                                               labels=labels, metrics=metrics)

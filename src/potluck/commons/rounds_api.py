@@ -14,6 +14,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request, Response
 from pydantic import ConfigDict, Field, create_model
 
+from potluck.commons.deps import Admin, CommonsDep, Name, Reader
 from potluck.commons.errors import CommonsError
 from potluck.commons.round_settings import RoundSettings
 from potluck.serving.schemas import PredictRequest
@@ -37,7 +38,6 @@ RoundBody = create_model(
 
 def round_routes(max_body: int) -> APIRouter:
     """The routes of rounds and task serving."""
-    from potluck.commons.api import Admin, CommonsDep, Name, Reader
     from potluck.commons.task_serving import TaskServer
 
     r = APIRouter(prefix="/v1", max_body_size=max_body)

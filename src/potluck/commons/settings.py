@@ -31,12 +31,12 @@ class CommonsSettings:
     max_tensors: int = field(default=4096, metadata={"help": "tensors in one weights contribution"})
 
     def __post_init__(self):
-        from potluck.errors import UserError
+        from potluck.errors import require
 
-        if min(self.max_weights_mb, self.max_dataset_mb, self.max_json_kb, self.max_attempts, self.max_tensors) < 1:
-            raise UserError("size limits and max_attempts must be at least 1")
-        if self.lease_seconds <= 0 or not 0.05 <= self.eval_fraction <= 0.5:
-            raise UserError("lease_seconds must be positive and eval_fraction between 0.05 and 0.5")
+        require((min(self.max_weights_mb, self.max_dataset_mb, self.max_json_kb, self.max_attempts,
+                     self.max_tensors) >= 1, "size limits and max_attempts must be at least 1"),
+                (self.lease_seconds > 0 and 0.05 <= self.eval_fraction <= 0.5,
+                 "lease_seconds must be positive and eval_fraction between 0.05 and 0.5"))
 
     def weight_limits(self) -> WeightLimits:
         return WeightLimits(max_tensors=self.max_tensors)

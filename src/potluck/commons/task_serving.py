@@ -17,8 +17,6 @@ import logging
 import threading
 from collections import OrderedDict
 
-import numpy as np
-
 from potluck.commons.errors import CommonsError, NotFound, TooLarge
 from potluck.commons.formats import HEAD_PREFIX
 
@@ -99,6 +97,7 @@ class TaskServer:
         """Per text, every label with its probability (or logit), highest first; and the head used."""
         from potluck.calibration import softmax
         from potluck.errors import UserError
+        from potluck.inference import ranked
 
         if len(texts) > MAX_INPUTS:
             raise TooLarge(f"{len(texts)} texts in one request; send at most {MAX_INPUTS}")
@@ -109,8 +108,4 @@ class TaskServer:
         except UserError as err:
             raise Unprocessable(str(err)) from None
         scores = logits if raw_scores else softmax(logits)
-        answers = []
-        for row in np.asarray(scores, dtype=np.float64):
-            order = np.argsort(-row, kind="stable")
-            answers.append([{"label": predictor.labels[i], "score": float(row[i])} for i in order])
-        return answers, head
+        return ranked(scores, predictor.labels, digits=None), head

@@ -20,8 +20,7 @@ from fastapi.concurrency import run_in_threadpool
 from potluck.commons.checks import check_dataset, check_weights, to_jsonl
 from potluck.commons.errors import LeaseLost, Rejected
 from potluck.commons.formats import HEAD_PREFIX
-from potluck.commons.models import Contributor, Job, Task
-from potluck.commons.registry import view
+from potluck.commons.models import Contributor, Job, Task, view
 from potluck.commons.service import Commons
 from potluck.commons.store import BlobCorrupted, BlobTooLarge, PendingBlob
 

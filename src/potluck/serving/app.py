@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import json
 import logging
 import os
 import re
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request
@@ -33,64 +31,21 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
 
 from potluck import __version__
-from potluck.errors import UserError
-from potluck.inference import Predictor
 from potluck.serving.auth import KeyRing
 from potluck.serving.batcher import MicroBatcher, in_thread
 from potluck.serving.limits import BodyLimitMiddleware, BodyTooLarge, too_large_message
 from potluck.serving.metrics import Metrics, MetricsMiddleware
+from potluck.serving.models import ServedModel, load_models
 from potluck.serving.predict import UNAUTHORIZED, ApiError, PredictRoutes, classify, error_body, one_line
-from potluck.serving.schemas import ErrorResponse, Info, Limits, ModelInfo, PredictRequest, PredictResponse
+from potluck.serving.schemas import ErrorResponse, Info, Limits, PredictRequest, PredictResponse
 from potluck.serving.settings import ServeSettings
 from potluck.serving.workers import ModelProcesses
 
 logger = logging.getLogger(__name__)
 
 STATIC = Path(__file__).parent / "static"
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; frame-ancestors 'none'",
                 "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
-
-
-@dataclass
-class ServedModel:
-    """One loaded model folder: its predictor, its potluck.json and (while running) its batcher."""
-
-    name: str
-    predictor: Predictor
-    meta: dict
-    batcher: MicroBatcher | None = None
-
-    def info(self) -> ModelInfo:
-        p = self.predictor
-        return ModelInfo(name=self.name, route=f"/v1/models/{self.name}/predict", labels=p.labels,
-                         base=self.meta.get("base"), max_length=p.max_length, precision=p.precision_used,
-                         backend=p.backend,
-                         created=self.meta.get("created"), metrics=self.meta.get("metrics") or {},
-                         calibration=self.meta.get("calibration") or {})
-
-
-def load_models(folders: Sequence[str | os.PathLike], precision: str = "auto",
-                backend: str = "torch") -> dict[str, ServedModel]:
-    """Load each folder as a model named after the folder; names must be unique and URL-safe."""
-    models: dict[str, ServedModel] = {}
-    for folder in folders:
-        folder = Path(folder)
-        name = folder.resolve().name
-        if not NAME.match(name):
-            raise UserError(f"model folder name '{name}' cannot be a route name",
-                            hint="rename it to letters, digits, '.', '_' or '-'")
-        if name in models:
-            raise UserError(f"two model folders are both named '{name}'", hint="rename one of them")
-        if not folder.is_dir():
-            raise UserError(f"no such model folder: {folder}", hint="pass the --out folder of `potluck finetune`")
-        meta_path = folder / "potluck.json"
-        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-        models[name] = ServedModel(name, Predictor.from_folder(folder, precision=precision, backend=backend), meta)
-        logger.info("loaded %s from %s (%s)", name, folder, models[name].predictor.precision_used)
-    if not models:
-        raise UserError("no model folders given", hint="e.g. potluck serve models/urgency")
-    return models
 
 
 async def start_processes(models: dict[str, ServedModel], settings: ServeSettings) -> ModelProcesses | None:
@@ -116,15 +71,41 @@ def create_app(folders: Sequence[str | os.PathLike] = (), settings: ServeSetting
     models = models if models is not None else load_models(folders, settings.precision, settings.backend)
     metrics = Metrics()
     state = {"ready": False}
+    # FastAPIOffline: /docs and /redoc from files in the package, not a CDN (they work without network)
+    app = FastAPIOffline(title="Potluck", version=__version__, lifespan=lifespan(models, settings, metrics, state),
+                         description="Text classification with calibrated probabilities. Request and response "
+                                     "shapes follow text-embeddings-inference's /predict.")
+    routes: dict = {}  # path -> (model, its FastAPI route): PredictRoutes answers them (see potluck.serving.predict)
+    app.add_middleware(PredictRoutes, routes=routes, settings=settings, keys=keys, state=app.state)
+    app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    add_error_handlers(app, models, settings)
 
+    async def require_key(request: Request) -> None:  # async: a sync dependency would cost a thread hop
+        if keys is not None and not keys.check(request.headers.get("authorization")):
+            raise ApiError(401, UNAUTHORIZED, headers={"WWW-Authenticate": "Bearer"})
+
+    guarded = [Depends(require_key)] if keys is not None else []  # no keys: nothing to run per request
+    add_predict_routes(app, models, settings, guarded, routes)
+    add_service_routes(app, models, settings, guarded, metrics, state, auth=keys is not None)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    app.state.models = models
+    app.state.metrics = metrics
+    return app
+
+
+def lifespan(models: dict[str, ServedModel], settings: ServeSettings, metrics: Metrics, state: dict):
+    """Start: the model processes (or threads), a batcher per model, a warm-up run each; stop: the
+    requests in flight finish first."""
     @asynccontextmanager
-    async def lifespan(app: FastAPI):
+    async def run(app: FastAPI):
         app.state.tokenizer_thread = ThreadPoolExecutor(1, thread_name_prefix="potluck-tokenize")
         processes = await start_processes(models, settings)
         for index, m in enumerate(models.values()):  # each batch runs whole in one model process (or thread)
-            run = (functools.partial(processes.run, index) if processes is not None else
-                   in_thread(functools.partial(m.predictor.logits_from_ids, here=True), m.predictor.pool))
-            m.batcher = MicroBatcher(run, max_wait_ms=settings.max_wait_ms, max_batch_texts=settings.max_batch_texts,
+            run_batch = (functools.partial(processes.run, index) if processes is not None else
+                         in_thread(functools.partial(m.predictor.logits_from_ids, here=True), m.predictor.pool))
+            m.batcher = MicroBatcher(run_batch, max_wait_ms=settings.max_wait_ms,
+                                     max_batch_texts=settings.max_batch_texts,
                                      max_batch_tokens=settings.max_batch_tokens, max_in_flight=m.predictor.workers,
                                      on_batch=lambda n, t, s, name=m.name: metrics.observe_batch(name, n, t, s))
             m.batcher.start()
@@ -141,22 +122,13 @@ def create_app(folders: Sequence[str | os.PathLike] = (), settings: ServeSetting
             if processes is not None:
                 await processes.stop()
             app.state.tokenizer_thread.shutdown(wait=True)
+    return run
 
-    # FastAPIOffline: /docs and /redoc from files in the package, not a CDN (they work without network)
-    app = FastAPIOffline(title="Potluck", version=__version__, lifespan=lifespan,
-                  description="Text classification with calibrated probabilities. Request and response shapes "
-                              "follow text-embeddings-inference's /predict.")
-    routes: dict = {}  # path -> (model, its FastAPI route): PredictRoutes answers them (see potluck.serving.predict)
-    app.add_middleware(PredictRoutes, routes=routes, settings=settings, keys=keys, state=app.state)
-    app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
-    app.add_middleware(MetricsMiddleware, metrics=metrics)
-    add_error_handlers(app, models, settings)
 
-    async def require_key(request: Request) -> None:  # async: a sync dependency would cost a thread hop
-        if keys is not None and not keys.check(request.headers.get("authorization")):
-            raise ApiError(401, UNAUTHORIZED, headers={"WWW-Authenticate": "Bearer"})
-
-    guarded = [Depends(require_key)] if keys is not None else []  # no keys: nothing to run per request
+def add_predict_routes(app: FastAPI, models: dict[str, ServedModel], settings: ServeSettings, guarded: list,
+                       routes: dict) -> None:
+    """/v1/models/<name>/predict per model (and /predict when there is one): FastAPI routes for /docs, whose
+    requests PredictRoutes answers first, with the same answers."""
     predict_doc = dict(
         response_model=PredictResponse, dependencies=guarded,
         responses={code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 422)},
@@ -170,18 +142,21 @@ def create_app(folders: Sequence[str | os.PathLike] = (), settings: ServeSetting
             return Response(answer, media_type="application/json")
         return predict_route
 
-    def add_predict_route(path: str, model: ServedModel, **doc) -> None:
+    def add(path: str, model: ServedModel, **doc) -> None:
         app.post(path, tags=["predict"], **doc, **predict_doc)(route(model))
         routes[path] = (model, app.routes[-1])
 
     for name, model in models.items():
-        add_predict_route(f"/v1/models/{name}/predict", model, summary=f"Classify texts with '{name}'",
-                          operation_id=f"predict_{name}")
+        add(f"/v1/models/{name}/predict", model, summary=f"Classify texts with '{name}'", operation_id=f"predict_{name}")
     if len(models) == 1:
         only = next(iter(models.values()))
-        add_predict_route("/predict", only, summary=f"Classify texts with '{only.name}' (the only model loaded)",
-                          operation_id="predict")
+        add("/predict", only, summary=f"Classify texts with '{only.name}' (the only model loaded)",
+            operation_id="predict")
 
+
+def add_service_routes(app: FastAPI, models: dict[str, ServedModel], settings: ServeSettings, guarded: list,
+                       metrics: Metrics, state: dict, *, auth: bool) -> None:
+    """/health, /ready, /info, /metrics and the web page."""
     @app.get("/health", tags=["service"], summary="The process is up")
     async def health() -> dict:
         return {"status": "ok"}
@@ -197,8 +172,7 @@ def create_app(folders: Sequence[str | os.PathLike] = (), settings: ServeSetting
     async def info() -> Info:
         limits = Limits(max_texts=settings.max_texts, max_chars=settings.max_chars,
                         max_body_bytes=settings.max_body_bytes, auto_truncate=settings.auto_truncate)
-        return Info(version=__version__, models=[m.info() for m in models.values()], limits=limits,
-                    auth=keys is not None)
+        return Info(version=__version__, models=[m.info() for m in models.values()], limits=limits, auth=auth)
 
     @app.get("/metrics", tags=["service"], dependencies=guarded, summary="Prometheus metrics")
     async def prometheus() -> Response:
@@ -207,11 +181,6 @@ def create_app(folders: Sequence[str | os.PathLike] = (), settings: ServeSetting
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:
         return FileResponse(STATIC / "index.html", headers=PAGE_HEADERS)
-
-    app.mount("/static", StaticFiles(directory=STATIC), name="static")
-    app.state.models = models
-    app.state.metrics = metrics
-    return app
 
 
 def add_error_handlers(app: FastAPI, models: dict[str, ServedModel], settings: ServeSettings) -> None:

@@ -18,20 +18,19 @@ import logging
 from concurrent.futures import Executor
 from typing import TYPE_CHECKING
 
-import numpy as np
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
 from potluck.calibration import softmax
 from potluck.errors import NonFiniteOutput, UserError
-from potluck.inference import check_finite_output
+from potluck.inference import check_finite_output, ranked
 from potluck.serving.limits import BodyTooLarge, too_large_message
 from potluck.serving.schemas import PredictRequest
 from potluck.serving.settings import ServeSettings
 
 if TYPE_CHECKING:
-    from potluck.serving.app import ServedModel
     from potluck.serving.auth import KeyRing
+    from potluck.serving.models import ServedModel
 
 logger = logging.getLogger(__name__)
 
@@ -81,9 +80,8 @@ async def classify(body: bytes, model: ServedModel, settings: ServeSettings, tok
         raise ApiError(500, err.message) from err
     scores = logits if req.raw_scores else softmax(logits)
     labels = model.predictor.labels
-    ranked = [[{"label": labels[j], "score": round(float(row[j]), 6)} for j in np.argsort(-row, kind="stable")]
-              for row in scores]
-    return json.dumps(ranked[0] if isinstance(req.inputs, str) else ranked, separators=(",", ":")).encode()
+    answers = ranked(scores, labels)
+    return json.dumps(answers[0] if isinstance(req.inputs, str) else answers, separators=(",", ":")).encode()
 
 
 def parse_request(body: bytes) -> PredictRequest:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from potluck.errors import UserError
+from potluck.errors import require
 
 
 @dataclass
@@ -27,7 +27,7 @@ class ServeSettings:
     graceful_timeout: float = field(default=30.0, metadata={"help": "seconds a shutdown waits for requests in flight"})
 
     def __post_init__(self):
-        checks = [
+        require(
             (self.precision in ("auto", "fp32", "bf16", "int8"), "precision must be 'auto', 'fp32', 'bf16' or 'int8'"),
             (self.backend in ("torch", "onnx"), "backend must be 'torch' or 'onnx'"),
             (self.max_texts >= 1, "max_texts must be at least 1"),
@@ -37,7 +37,4 @@ class ServeSettings:
             (self.max_batch_texts >= 1, "max_batch_texts must be at least 1"),
             (self.max_batch_tokens >= 128, "max_batch_tokens must be at least 128"),
             (self.graceful_timeout >= 0, "graceful_timeout must not be negative"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise UserError(message)
+        )

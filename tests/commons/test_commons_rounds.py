@@ -7,9 +7,8 @@ weights checks by design: the gate and the robust fusion methods are the defence
 
 import pytest
 import torch
-from conftest import toy_texts
-from conftest_commons import *  # noqa: F403  (fixtures: postgres_server)
-from conftest_commons import BACKENDS, make_commons, make_contribution, write_csv
+from commons_helpers import BACKENDS, live_server, make_commons, make_contribution, write_csv
+from helpers import toy_texts
 from safetensors.torch import load_file
 
 from potluck.commons.client import CommonsRequestError
@@ -193,7 +192,6 @@ def test_every_task_is_served_after_a_promotion_and_earlier_bases_can_be_pulled(
 
 @pytest.mark.timeout(300)
 def test_the_round_and_status_commands_over_http(sqlite_made, tmp_path):
-    from conftest_commons import live_server
     from typer.testing import CliRunner
 
     from potluck.cli import app

@@ -7,12 +7,10 @@ import random
 import numpy as np
 import pytest
 import torch
+from helpers import shared_dataset, toy_texts
 
 from potluck import TextClassifier
-from potluck.data import DataError
-from potluck.errors import UserError
-from potluck.fusion import FusionSettings, fuse
-from potluck.gate import (
+from potluck.commons.gate import (
     FrozenHead,
     GateDecision,
     GateSettings,
@@ -23,6 +21,9 @@ from potluck.gate import (
     run_gate,
     score_base,
 )
+from potluck.data import DataError
+from potluck.errors import UserError
+from potluck.fusion import FusionSettings, fuse
 from potluck.hardware import real_cpu
 from potluck.inference import Predictor
 
@@ -30,8 +31,6 @@ FP32 = GateSettings(precision="fp32")
 
 
 def toy_task(n_train=60, n_eval=200):
-    from conftest import toy_texts
-
     return TaskData(*toy_texts(n_train), *toy_texts(n_eval, seed=7))
 
 
@@ -144,8 +143,6 @@ def test_linear_layer_reproduces_the_regression(n_classes):
 
 @pytest.mark.parametrize("n_classes", [2, 3])
 def test_frozen_head_saves_an_ordinary_classifier_folder(tiny_encoder, tmp_path, n_classes):
-    from conftest import toy_texts
-
     texts, labels = toy_texts(200) if n_classes == 2 else three_class_texts(240)
     tests, _ = toy_texts(30, seed=3) if n_classes == 2 else three_class_texts(30, seed=3)
     head = FrozenHead(tiny_encoder, FP32).fit(texts, labels)
@@ -164,8 +161,6 @@ def test_frozen_head_saves_an_ordinary_classifier_folder(tiny_encoder, tmp_path,
 
 
 def test_refit_task_model_both_budgets(tiny_encoder, tmp_path):
-    from conftest import toy_texts
-
     texts, labels = toy_texts(120)
     frozen = refit_task_model(tiny_encoder, texts, labels, tmp_path / "frozen", settings=FP32)
     finetuned = refit_task_model(tiny_encoder, texts, labels, tmp_path / "finetuned",
@@ -180,8 +175,6 @@ def test_refit_task_model_both_budgets(tiny_encoder, tmp_path):
 @pytest.mark.slow
 def test_frozen_head_on_minilm_is_useful_and_survives_bf16(tmp_path):
     """The served head on the embedded encoder: it learns, and bf16 inference keeps its probabilities."""
-    from conftest import shared_dataset
-
     from potluck.data import read_data
 
     train, test = read_data(shared_dataset("sms_spam")), read_data(shared_dataset("sms_spam", "test"))

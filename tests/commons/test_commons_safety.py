@@ -7,9 +7,8 @@ import logging
 
 import pytest
 import torch
-from conftest import toy_texts
-from conftest_commons import *  # noqa: F403  (fixtures: db_url, made, postgres_server)
-from conftest_commons import make_commons, make_contribution, write_csv
+from commons_helpers import make_commons, make_contribution, write_csv
+from helpers import toy_texts
 from safetensors.torch import load_file, save_file
 
 from potluck.commons.client import CommonsRequestError

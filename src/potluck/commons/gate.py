@@ -1,6 +1,6 @@
 """The evaluation gate: a candidate base is promoted only if it is at least as good on every task.
 
-    from potluck.gate import GateSettings, TaskData, run_gate
+    from potluck.commons.gate import GateSettings, TaskData, run_gate
     decision = run_gate("fused/", "base/", {"urgency": TaskData(train_x, train_y, eval_x, eval_y)})
     decision.promote, decision.reason, decision.to_json()
 
@@ -24,22 +24,21 @@ import logging
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import torch
 
-from potluck import __version__, calibration, modelcard
+from potluck import calibration
 from potluck.batching import inference_batches, pad, tokenize
-from potluck.data import LabelledData, check_known_labels, check_training_data, stratified_split
+from potluck.data import LabelledData, as_labelled, check_known_labels, check_training_data
 from potluck.encoders import load_for_classification, load_tokenizer, resolve_base
-from potluck.errors import UserError
-from potluck.evaluation import classification_metrics
-from potluck.fileio import atomic_folder, atomic_write_json
-from potluck.folder import HEADS, load_pretrained
+from potluck.errors import UserError, require
+from potluck.evaluation import classification_metrics, validation_summary
+from potluck.folder import HEADS, load_pretrained, new_meta, write_folder
 from potluck.hardware import plan_precision
+from potluck.splits import data_record, training_split
 
 logger = logging.getLogger(__name__)
 
@@ -75,14 +74,11 @@ class GateSettings:
     seed: int = field(default=0, metadata={"help": "seed of the regression, the splits and fine-tuning"})
 
     def __post_init__(self):
-        if self.pooling not in POOLINGS:
-            raise UserError(f"unknown pooling '{self.pooling}'", hint=f"use one of {', '.join(POOLINGS)}")
-        if not 0 <= self.margin < 1:
-            raise UserError(f"margin must be in [0, 1), got {self.margin}", hint="e.g. 0.02")
-        if self.full_finetune_epochs < 0:
-            raise UserError("full_finetune_epochs must be 0 or more")
-        if min(self.regularization, self.head_regularization) <= 0:
-            raise UserError("regularization and head_regularization must be positive")
+        require((self.pooling in POOLINGS, f"unknown pooling '{self.pooling}'", f"use one of {', '.join(POOLINGS)}"),
+                (0 <= self.margin < 1, f"margin must be in [0, 1), got {self.margin}", "e.g. 0.02"),
+                (self.full_finetune_epochs >= 0, "full_finetune_epochs must be 0 or more"),
+                (min(self.regularization, self.head_regularization) > 0,
+                 "regularization and head_regularization must be positive"))
 
 
 @dataclass
@@ -260,13 +256,9 @@ class FrozenHead:
             valid: LabelledData | tuple[Sequence[str], Sequence] | None = None,
             encoder: FrozenEncoder | None = None) -> FrozenHead:
         """Fit the regression on (texts, labels), calibrate a temperature on `valid` (or a stratified split)."""
-        train = texts if isinstance(texts, LabelledData) else LabelledData(list(texts), [str(y) for y in labels])
-        if isinstance(valid, tuple):
-            valid = LabelledData(list(valid[0]), [str(y) for y in valid[1]])
-        self.warnings_ = check_training_data(train, valid)
-        valid_source = "given" if valid is not None else f"{self.valid_fraction:.0%} stratified split"
-        if valid is None:
-            train, valid = stratified_split(train, self.valid_fraction, seed=self.settings.seed)
+        train, valid, valid_source, self.warnings_ = training_split(
+            as_labelled(texts, labels), as_labelled(valid) if valid is not None else None, self.valid_fraction,
+            self.settings.seed)
         self.encoder_ = encoder or FrozenEncoder(self.base, self.settings)
         regression = fit_regression(self.encoder_.embed(train.texts, "pooler"), train.labels,
                                     self.settings.head_regularization, self.settings.seed)
@@ -274,17 +266,9 @@ class FrozenHead:
         self.coef_, self.intercept_ = linear_layer(regression)
         y_valid = np.array([self.classes_.index(label) for label in valid.labels])
         logits = self.encoder_.embed(valid.texts, "pooler") @ self.coef_.T + self.intercept_  # (N, C)
-        self.temperature_ = calibration.fit_temperature(logits, y_valid)
-        probs = calibration.softmax(logits, self.temperature_)
-        self.calibration_ = {"method": "temperature", "temperature": self.temperature_,
-                             "ece_before": calibration.expected_calibration_error(calibration.softmax(logits), y_valid),
-                             "ece_after": calibration.expected_calibration_error(probs, y_valid),
-                             "fitted_on": "validation split"}
-        metrics = classification_metrics(y_valid, probs, self.classes_)
-        self.metrics_ = {"valid": {k: v for k, v in metrics.items() if k != "per_class"}}
-        self.data_ = {"train_path": train.path, "n_train": len(train), "n_valid": len(valid),
-                      "fingerprint": train.fingerprint(), "valid_source": valid_source,
-                      "label_counts": train.label_counts()}
+        self.temperature_, self.calibration_ = calibration.calibrate(logits, y_valid)
+        self.metrics_ = validation_summary(y_valid, calibration.softmax(logits, self.temperature_), self.classes_)
+        self.data_ = data_record(train, valid, valid_source)
         return self
 
     def predict_proba(self, texts: Sequence[str]) -> np.ndarray:
@@ -300,27 +284,21 @@ class FrozenHead:
             head.weight.copy_(torch.as_tensor(self.coef_, dtype=head.weight.dtype))  # (C, H)
             head.bias.copy_(torch.as_tensor(self.intercept_, dtype=head.bias.dtype))  # (C,)
         calibration.fold_temperature(model, self.temperature_)
-        meta = self.metadata(command=command, name=Path(path).name)
-        with atomic_folder(path, overwrite=overwrite) as tmp:
+        def fill(tmp: Path) -> None:
             model.save_pretrained(tmp, safe_serialization=True)
             self.encoder_.tokenizer.save_pretrained(tmp)
-            atomic_write_json(tmp / "potluck.json", meta)
-            note = ("\n## Head\n\nThe encoder was not fine-tuned: the head is a logistic regression on its pooler "
-                    "output, written into the `classifier` layer (temperature folded in).\n")
-            (tmp / "README.md").write_text(modelcard.render(meta) + note, encoding="utf-8")
-        return Path(path)
+
+        return write_folder(path, self.metadata(command=command, name=Path(path).name), fill, overwrite=overwrite)
 
     def metadata(self, *, command: str | None = None, name: str | None = None) -> dict:
         s = self.settings
-        return {"format": "potluck.classifier/1", "name": name, "potluck_version": __version__,
-                "created": datetime.now(UTC).isoformat(timespec="seconds"), "base": self.base,
-                "classes": list(self.classes_),
-                "head": {"kind": "logistic regression on the frozen encoder's pooler output",
-                         "regularization": s.head_regularization, "encoder": "frozen"},
-                "settings": {"max_length": s.max_length, "precision": s.precision, "seed": s.seed,
-                             "device": s.device},
-                "calibration": self.calibration_, "metrics": self.metrics_, "data": self.data_,
-                "command": command or "potluck.gate.FrozenHead(...).fit(...)"}
+        return new_meta("potluck.classifier/1", name=name, base=self.base, classes=list(self.classes_),
+                        head={"kind": "logistic regression on the frozen encoder's pooler output",
+                              "regularization": s.head_regularization, "encoder": "frozen"},
+                        settings={"max_length": s.max_length, "precision": s.precision, "seed": s.seed,
+                                  "device": s.device},
+                        calibration=self.calibration_, metrics=self.metrics_, data=self.data_,
+                        command=command or "potluck.commons.gate.FrozenHead(...).fit(...)")
 
 
 def linear_layer(regression) -> tuple[np.ndarray, np.ndarray]:

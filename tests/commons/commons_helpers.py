@@ -1,9 +1,9 @@
-"""Fixtures and helpers for the commons' tests (`from conftest_commons import *` in tests/test_commons_*.py).
+"""Plain helpers for the commons' tests (tests/commons/test_commons_*.py import them normally:
+`from commons_helpers import make_contribution`); their fixtures are in tests/commons/conftest.py.
 
-`db_url` runs a test twice: on SQLite (None: the file in the commons root) and on a real PostgreSQL server
-started once per session (tests/commons_pg.py). `made` is a fresh commons with a tiny base, its admin
-token, and TestClient-backed clients; `live_server` runs `potluck commons serve` under uvicorn in a
-subprocess on a free loopback port.
+`BACKENDS` parametrizes a test on SQLite and on PostgreSQL; `make_commons` makes a fresh commons with a
+tiny base, its admin token, and TestClient-backed clients; `live_server` runs `potluck commons serve`
+under uvicorn in a subprocess on a free loopback port.
 """
 
 from __future__ import annotations
@@ -18,29 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from commons_pg import PostgresMissing, drop_database, free_port, fresh_database, throwaway_postgres
+from commons_pg import free_port
 
 BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
-
-
-@pytest.fixture(scope="session")
-def postgres_server() -> Iterator[str]:
-    try:
-        with throwaway_postgres() as url:
-            yield url
-    except PostgresMissing as err:
-        pytest.fail(str(err))
-
-
-@pytest.fixture(params=BACKENDS)
-def db_url(request) -> Iterator[str | None]:
-    """None for SQLite in the commons root; a fresh database's URL on the test PostgreSQL server."""
-    if request.param == "sqlite":
-        yield None
-        return
-    url = fresh_database(request.getfixturevalue("postgres_server"))
-    yield url
-    drop_database(url)
 
 
 @dataclass
@@ -78,13 +58,6 @@ def make_commons(root: Path, base: Path, db_url: str | None, settings=None) -> M
     if settings is not None:
         commons.settings = settings
     return Made(commons, token, create_app(commons))
-
-
-@pytest.fixture
-def made(tmp_path, tiny_encoder, db_url) -> Iterator[Made]:
-    m = make_commons(tmp_path / "commons", tiny_encoder, db_url)
-    yield m
-    m.close()
 
 
 def make_contribution(commons, path: Path, *, labels=("calm", "urgent"), version: int = 0,

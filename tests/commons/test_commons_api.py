@@ -7,8 +7,8 @@ import struct
 
 import pytest
 import torch
-from conftest_commons import *  # noqa: F403  (fixtures: db_url, made, postgres_server)
-from conftest_commons import make_contribution, write_csv
+from commons_helpers import make_contribution, write_csv
+from helpers import toy_texts
 
 from potluck.commons.client import CommonsRequestError
 from potluck.errors import UserError
@@ -168,8 +168,6 @@ def test_contributors_push_only_to_their_own_tasks(made, acme, tmp_path):
 
 
 def test_shared_datasets_are_checked_split_and_queued(made, acme, tmp_path):
-    from conftest import toy_texts
-
     texts, labels = toy_texts(100)
     result = acme.share(write_csv(tmp_path / "tickets.csv", texts, labels), "helpdesk-topic")
     c, job = result["contribution"], result["job"]
@@ -185,8 +183,6 @@ def test_shared_datasets_are_checked_split_and_queued(made, acme, tmp_path):
 
 
 def test_bad_datasets_are_rejected_with_the_line(made, acme, tmp_path):
-    from conftest import toy_texts
-
     texts, labels = toy_texts(20)
     rows = [json.dumps({"text": t, "label": y}) for t, y in zip(texts, labels, strict=True)]
     cases = [

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest_commons import *  # noqa: F403  (fixtures: postgres_server)
-from conftest_commons import BACKENDS, live_server, make_contribution, write_csv
+from commons_helpers import BACKENDS, live_server, make_contribution, write_csv
+from helpers import toy_texts
 from typer.testing import CliRunner
 
 from potluck.cli import app
@@ -56,8 +56,6 @@ def live(request, tmp_path_factory, tiny_encoder):
 
 @pytest.mark.timeout(600)
 def test_the_whole_story(live, tmp_path):
-    from conftest import toy_texts
-
     assert live.admin.startswith("pk_") and "commons.db" not in live.admin
     acme = cli("commons", "invite", live.url, "--name", "acme", token=live.admin).strip()
     lender = cli("commons", "invite", live.url, "--name", "lender", token=live.admin).strip()
@@ -101,8 +99,6 @@ def test_the_whole_story(live, tmp_path):
 
 @pytest.mark.timeout(300)
 def test_eight_workers_race_for_twenty_jobs_over_http(live, tmp_path):
-    from conftest import toy_texts
-
     admin = CommonsClient(live.url, live.admin)
     owner = CommonsClient(live.url, admin.invite("race-owner")["token"])
     write_csv(tmp_path / "d.csv", *toy_texts(40))

@@ -8,8 +8,8 @@ import time
 from datetime import timedelta
 
 import pytest
-from conftest_commons import *  # noqa: F403  (fixtures: made)
-from conftest_commons import write_csv
+from commons_helpers import write_csv
+from helpers import toy_texts
 from sqlalchemy import update
 
 from potluck.commons.models import Job, utcnow
@@ -22,8 +22,6 @@ pytestmark = pytest.mark.parametrize("db_url", [None], ids=["sqlite"])
 
 @pytest.fixture
 def job(made, tmp_path):
-    from conftest import toy_texts
-
     acme = made.client(made.invite("acme"))
     return acme.share(write_csv(tmp_path / "d.csv", *toy_texts(80)), "helpdesk-topic")["job"]["id"]
 

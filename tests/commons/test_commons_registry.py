@@ -5,7 +5,6 @@ import threading
 from datetime import timedelta
 
 import pytest
-from conftest_commons import *  # noqa: F403  (fixtures: db_url, postgres_server)
 from sqlalchemy import update
 
 from potluck.commons.errors import Conflict, Forbidden, LeaseLost, Unauthorized
