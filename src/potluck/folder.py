@@ -37,15 +37,20 @@ def read_config(folder: str | os.PathLike) -> dict:
         if not folder.exists():
             raise UserError(f"no such model folder: {folder}", hint="pass the --out folder of `potluck finetune`")
         raise UserError(f"{folder} is not a model folder (no config.json)", hint="pass the --out folder of `potluck finetune`")
+    return _json_object(path)
+
+
+def _json_object(path: Path) -> dict:
+    """A JSON file holding an object; a UserError with line and column when it is not one."""
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
+        value = json.loads(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError:
         raise UserError(f"{path}: not UTF-8 text", hint=RESAVE) from None
     except json.JSONDecodeError as err:
         raise UserError(f"{path}:{err.lineno}:{err.colno}: not valid JSON ({err.msg})", hint=RESAVE) from None
-    if not isinstance(config, dict):
+    if not isinstance(value, dict):
         raise UserError(f"{path}: a JSON object was expected", hint=RESAVE)
-    return config
+    return value
 
 
 def load_tensors(folder: str | os.PathLike) -> dict:
@@ -217,17 +222,7 @@ def new_meta(fmt: str, **fields) -> dict:
 def read_meta(folder: str | os.PathLike) -> dict:
     """A folder's potluck.json ({} when it has none); a UserError with line and column when it is broken."""
     path = Path(folder) / "potluck.json"
-    if not path.is_file():
-        return {}
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise UserError(f"{path}: not UTF-8 text", hint=RESAVE) from None
-    except json.JSONDecodeError as err:
-        raise UserError(f"{path}:{err.lineno}:{err.colno}: not valid JSON ({err.msg})", hint=RESAVE) from None
-    if not isinstance(meta, dict):
-        raise UserError(f"{path}: a JSON object was expected", hint=RESAVE)
-    return meta
+    return _json_object(path) if path.is_file() else {}
 
 
 def write_folder(path: str | os.PathLike, meta: dict, fill, *, overwrite: bool = False, card: bool = True,

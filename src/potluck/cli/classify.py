@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from potluck.cli.options import with_settings, without_option
+from potluck.cli.options import NprocOption, OverwriteOption, spread_over, with_settings
 from potluck.cli.render import StepProgress, console, out, print_curve, print_metrics, print_predictions
 from potluck.errors import UserError
 from potluck.fileio import check_output
@@ -28,8 +28,8 @@ def finetune(
     label_column: Annotated[str, typer.Option(help="column holding the label")] = "label",
     resume: Annotated[bool, typer.Option(help="continue from the last checkpoint of a killed run")] = False,
     checkpoint_dir: Annotated[Path | None, typer.Option(help="where epoch checkpoints go (default: OUT.checkpoints)")] = None,
-    nproc: Annotated[int, typer.Option(help="training processes on this machine (spawns torchrun)")] = 1,
-    overwrite: Annotated[bool, typer.Option(help="replace --out if it exists and is not empty")] = False,
+    nproc: NprocOption = 1,
+    overwrite: OverwriteOption = False,
     **settings,
 ):
     """Fine-tune an encoder with a new classification head, then calibrate it."""
@@ -37,12 +37,9 @@ def finetune(
     from potluck.classifier import TextClassifier, remove_checkpoints
     from potluck.data import read_data
 
-    ctx = distributed.context()
-    if nproc < 1:
-        raise UserError(f"--nproc must be at least 1, got {nproc}")
-    if nproc > 1 and not ctx.enabled:
-        distributed.launch(nproc, without_option(sys.argv[1:], "--nproc"))
+    if spread_over(nproc):
         return
+    ctx = distributed.context()
 
     check_output(out_dir, overwrite=overwrite)  # before the training, not after it
     checkpoint_dir = checkpoint_dir or out_dir.with_name(out_dir.name + ".checkpoints")

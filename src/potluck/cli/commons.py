@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from potluck.cli.options import with_settings
+from potluck.cli.options import OverwriteOption, with_settings
 from potluck.cli.render import commons_tables, console, out
 from potluck.cli.serve import check_port_free
 from potluck.commons.round_settings import RoundSettings  # a light module: dataclasses only
@@ -91,7 +91,7 @@ def commons_pull(
     out_dir: Annotated[Path, typer.Option("--out", help="the folder to write (a base `potluck finetune --base` takes)")],
     version: Annotated[int | None, typer.Option(help="a base version (default: the current one)")] = None,
     token: Token = None,
-    overwrite: Annotated[bool, typer.Option(help="replace --out if it exists and is not empty")] = False,
+    overwrite: OverwriteOption = False,
 ):
     """Download a base encoder as a Hugging Face folder, checking every file's sha256."""
     with commons_client(url, token) as client:

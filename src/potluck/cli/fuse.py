@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from potluck.cli.options import with_settings
+from potluck.cli.options import OverwriteOption, with_settings
 from potluck.cli.render import console, out
 from potluck.fileio import check_output
 from potluck.fusion import FusionSettings  # dataclasses and safetensors only
@@ -24,7 +24,7 @@ def fuse(
     out_dir: Annotated[Path, typer.Option("--out", help="the fused encoder folder to write")],
     base: Annotated[str | None, typer.Option(
         help="the base they were fine-tuned from (default: the one their potluck.json records)")] = None,
-    overwrite: Annotated[bool, typer.Option(help="replace --out if it exists and is not empty")] = False,
+    overwrite: OverwriteOption = False,
     **settings,
 ):
     """Fuse the encoder bodies of fine-tuned models into a new base encoder (heads are never fused)."""

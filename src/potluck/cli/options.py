@@ -1,6 +1,7 @@
 """Options built from the settings dataclasses, and the option types several command groups share."""
 
 import inspect
+import sys
 from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Annotated
@@ -27,6 +28,24 @@ def with_settings(cls, panel: str):
         fn.__signature__ = sig.replace(parameters=params)
         return fn
     return decorate
+
+
+def spread_over(nproc: int) -> bool:
+    """--nproc N: run this command again under torchrun on N processes of this machine; True when it did
+    (the caller returns), False to go on in this process (one process, or already a torchrun rank)."""
+    from potluck import distributed
+    from potluck.errors import UserError
+
+    if nproc < 1:
+        raise UserError(f"--nproc must be at least 1, got {nproc}")
+    if nproc > 1 and not distributed.context().enabled:
+        distributed.launch(nproc, without_option(sys.argv[1:], "--nproc"))
+        return True
+    return False
+
+
+NprocOption = Annotated[int, typer.Option(help="training processes on this machine (spawns torchrun)")]
+OverwriteOption = Annotated[bool, typer.Option(help="replace --out if it exists and is not empty")]
 
 
 def without_option(argv: list[str], name: str) -> list[str]:

@@ -8,7 +8,14 @@ from typing import Annotated
 
 import typer
 
-from potluck.cli.options import CorpusOption, PerFileOption, with_settings, without_option
+from potluck.cli.options import (
+    CorpusOption,
+    NprocOption,
+    OverwriteOption,
+    PerFileOption,
+    spread_over,
+    with_settings,
+)
 from potluck.cli.render import StepProgress, console, out
 from potluck.errors import UserError
 from potluck.fileio import check_output
@@ -26,7 +33,7 @@ def tokenizer_command(
     min_frequency: Annotated[int, typer.Option(help="a piece must occur this often to be merged")] = 2,
     text_column: Annotated[str, typer.Option(help="column holding the text in JSONL/CSV/TSV/Parquet")] = "text",
     per_file: PerFileOption = False,
-    overwrite: Annotated[bool, typer.Option(help="replace --out if it exists and is not empty")] = False,
+    overwrite: OverwriteOption = False,
 ):
     """Train a BERT-style WordPiece tokenizer on a corpus."""
     from potluck.corpus import read_corpus
@@ -56,8 +63,8 @@ def pretrain_command(
     resume: Annotated[bool, typer.Option(help="continue from the last checkpoint (budgets may be raised)")] = False,
     checkpoint_dir: Annotated[Path | None, typer.Option(help="where checkpoints go (default: OUT.checkpoints)")] = None,
     keep_checkpoints: Annotated[bool, typer.Option(help="keep the last checkpoint, to train longer later with --resume")] = False,
-    nproc: Annotated[int, typer.Option(help="training processes on this machine (spawns torchrun)")] = 1,
-    overwrite: Annotated[bool, typer.Option(help="replace --out if it exists and is not empty")] = False,
+    nproc: NprocOption = 1,
+    overwrite: OverwriteOption = False,
     **settings,
 ):
     """Pre-train an encoder by mask filling: from scratch (--tokenizer) or continued (--from)."""
@@ -66,12 +73,9 @@ def pretrain_command(
     from potluck.corpus import read_corpus
     from potluck.pretrain import check_source, pretrain
 
-    ctx = distributed.context()
-    if nproc < 1:
-        raise UserError(f"--nproc must be at least 1, got {nproc}")
-    if nproc > 1 and not ctx.enabled:
-        distributed.launch(nproc, without_option(sys.argv[1:], "--nproc"))
+    if spread_over(nproc):
         return
+    ctx = distributed.context()
     s = PretrainSettings(**settings)
     check_source(tokenizer, base)
     check_output(out_dir, overwrite=overwrite)
